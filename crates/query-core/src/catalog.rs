@@ -1,0 +1,245 @@
+//! The dataset catalogue: what the data directory offers, registered as DuckDB views.
+//!
+//! Scanning is done in two phases: [`scan`] only looks at directory entries and decides which are
+//! datasets (a `NAME.parquet` file, or a `NAME/` folder holding Parquet files, hive partitions
+//! included); registration ([`Dataset::view_sql`]) then turns each one into a view. Entries whose
+//! name is not a plain identifier are skipped with a warning rather than quoted into SQL.
+
+use std::path::{Path, PathBuf};
+
+use crate::Error;
+
+/// One dataset of the data directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dataset {
+    /// The view name: the file name without `.parquet`, or the folder name.
+    pub name: String,
+    /// The file, or the folder of files.
+    pub path: PathBuf,
+    /// Whether `path` is a folder of Parquet files.
+    pub is_folder: bool,
+    /// Its Parquet files, relative to `path`'s parent, sorted.
+    pub files: Vec<String>,
+    /// Their total size in bytes.
+    pub bytes: u64,
+    /// Changes whenever a file is added, removed, replaced or modified: a hash of every file's
+    /// name, size and modification time.
+    pub version: String,
+}
+
+impl Dataset {
+    /// The file or glob the dataset reads, as a SQL string literal.
+    pub fn source_pattern(&self) -> String {
+        if self.is_folder {
+            sql_string(&format!("{}/**/*.parquet", self.path.display()))
+        } else {
+            sql_string(&self.path.display().to_string())
+        }
+    }
+
+    /// The `CREATE VIEW` statement that registers this dataset.
+    pub fn view_sql(&self) -> String {
+        let source = if self.is_folder {
+            format!(
+                "read_parquet({}, hive_partitioning = true, union_by_name = true)",
+                self.source_pattern()
+            )
+        } else {
+            format!("read_parquet({})", self.source_pattern())
+        };
+        format!(
+            "CREATE OR REPLACE VIEW \"{}\" AS SELECT * FROM {source}",
+            self.name
+        )
+    }
+}
+
+/// A single-quoted SQL string literal.
+fn sql_string(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// Whether `name` can be a dataset (and view) name: an ASCII identifier.
+pub fn is_valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 64
+}
+
+/// List the datasets of `data_dir`, sorted by name.
+pub fn scan(data_dir: &Path) -> Result<Vec<Dataset>, Error> {
+    let io_err = |source| Error::DataDir {
+        path: data_dir.to_owned(),
+        source,
+    };
+    let mut datasets = Vec::new();
+    for entry in std::fs::read_dir(data_dir).map_err(io_err)? {
+        let entry = entry.map_err(io_err)?;
+        let path = entry.path();
+        let file_type = entry.file_type().map_err(io_err)?;
+        let Some(file_name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if file_name.starts_with('.') {
+            continue;
+        }
+        let (name, is_folder) = if file_type.is_dir() {
+            if !contains_parquet(&path) {
+                continue;
+            }
+            (file_name.to_owned(), true)
+        } else if let Some(stem) = file_name.strip_suffix(".parquet") {
+            (stem.to_owned(), false)
+        } else {
+            continue;
+        };
+        if !is_valid_name(&name) {
+            tracing::warn!(path = %path.display(), "skipping dataset: name is not an identifier");
+            continue;
+        }
+        let (files, bytes, version) = fingerprint(data_dir, &path, is_folder);
+        datasets.push(Dataset {
+            name,
+            path,
+            is_folder,
+            files,
+            bytes,
+            version,
+        });
+    }
+    datasets.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(datasets)
+}
+
+/// The Parquet files of a dataset, their total size, and the version hash.
+fn fingerprint(data_dir: &Path, path: &Path, is_folder: bool) -> (Vec<String>, u64, String) {
+    use std::hash::{Hash, Hasher};
+    let mut found = Vec::new();
+    if is_folder {
+        let mut pending = vec![path.to_owned()];
+        while let Some(dir) = pending.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let p = entry.path();
+                match entry.file_type() {
+                    Ok(t) if t.is_dir() => pending.push(p),
+                    Ok(_) if p.extension().is_some_and(|e| e == "parquet") => found.push(p),
+                    _ => {}
+                }
+            }
+        }
+    } else {
+        found.push(path.to_owned());
+    }
+    let mut files: Vec<(String, u64, i128)> = found
+        .into_iter()
+        .filter_map(|p| {
+            let meta = std::fs::metadata(&p).ok()?;
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos() as i128);
+            let relative = p.strip_prefix(data_dir).unwrap_or(&p).display().to_string();
+            Some((relative, meta.len(), modified))
+        })
+        .collect();
+    files.sort();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    files.hash(&mut hasher);
+    let bytes = files.iter().map(|(_, size, _)| size).sum();
+    let version = format!("{:016x}", hasher.finish());
+    (
+        files.into_iter().map(|(name, _, _)| name).collect(),
+        bytes,
+        version,
+    )
+}
+
+/// Whether a folder holds at least one `.parquet` file at any depth (bounded, so a huge tree is
+/// not walked just to decide this).
+fn contains_parquet(dir: &Path) -> bool {
+    let mut pending = vec![dir.to_owned()];
+    let mut visited = 0usize;
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            visited += 1;
+            if visited > 100_000 {
+                return false;
+            }
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => pending.push(path),
+                Ok(_) if path.extension().is_some_and(|e| e == "parquet") => return true,
+                _ => {}
+            }
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_must_be_identifiers() {
+        assert!(is_valid_name("orders"));
+        assert!(is_valid_name("_x1"));
+        assert!(!is_valid_name("1x"));
+        assert!(!is_valid_name("a-b"));
+        assert!(!is_valid_name("a\"; DROP"));
+        assert!(!is_valid_name(""));
+    }
+
+    #[test]
+    fn scan_finds_files_and_folders_and_skips_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("orders.parquet"), b"").expect("write");
+        std::fs::write(dir.path().join("notes.txt"), b"").expect("write");
+        std::fs::write(dir.path().join("bad-name.parquet"), b"").expect("write");
+        std::fs::create_dir_all(dir.path().join("events/day=1")).expect("mkdir");
+        std::fs::write(dir.path().join("events/day=1/part.parquet"), b"").expect("write");
+        std::fs::create_dir(dir.path().join("empty")).expect("mkdir");
+        let names: Vec<_> = scan(dir.path())
+            .expect("scan")
+            .into_iter()
+            .map(|d| (d.name, d.is_folder))
+            .collect();
+        assert_eq!(
+            names,
+            vec![("events".to_owned(), true), ("orders".to_owned(), false)]
+        );
+    }
+
+    #[test]
+    fn version_changes_when_a_file_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("a.parquet"), b"one").expect("write");
+        let before = scan(dir.path()).expect("scan");
+        assert_eq!(before[0].bytes, 3);
+        assert_eq!(before[0].files, vec!["a.parquet".to_owned()]);
+        std::fs::write(dir.path().join("a.parquet"), b"three").expect("write");
+        let after = scan(dir.path()).expect("scan");
+        assert_ne!(before[0].version, after[0].version);
+    }
+
+    #[test]
+    fn view_sql_escapes_quotes_in_paths() {
+        let d = Dataset {
+            name: "o".into(),
+            path: "/data/it's.parquet".into(),
+            is_folder: false,
+            files: vec![],
+            bytes: 0,
+            version: String::new(),
+        };
+        assert!(d.view_sql().contains("'/data/it''s.parquet'"));
+    }
+}

@@ -1,0 +1,55 @@
+//! The query core's error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the query core, with the path or dataset it concerns.
+///
+/// Each variant carries its cause as a `source`; the message never repeats it, so a caller that
+/// prints the chain prints every cause once.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("cannot read data directory {path}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create temp directory {path}")]
+    TempDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open DuckDB")]
+    Open(#[source] duckdb::Error),
+    #[error("cannot apply DuckDB setting {setting}")]
+    Setting {
+        setting: &'static str,
+        #[source]
+        source: duckdb::Error,
+    },
+    #[error("cannot register dataset {dataset} from {path}")]
+    Dataset {
+        dataset: String,
+        path: PathBuf,
+        #[source]
+        source: duckdb::Error,
+    },
+    #[error("sandbox check failed: DuckDB could read {path}, outside the data directory")]
+    SandboxLeak { path: PathBuf },
+    #[error("DuckDB query failed")]
+    Query(#[source] duckdb::Error),
+}
+
+/// An error and its causes on one line.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

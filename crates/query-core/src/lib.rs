@@ -1,0 +1,47 @@
+//! ferrocorn's query core: everything that touches DuckDB.
+//!
+//! It knows nothing of HTTP or processes, so it can be tested and benchmarked alone. Each worker
+//! process opens exactly one [`Engine`] after it has been forked.
+//!
+//! # Layout
+//!
+//! - [`engine`]: opening a sandboxed in-memory DuckDB instance ([`Engine::open`]) with the
+//!   worker's share of memory and threads, and proving the sandbox holds before it is used.
+//! - [`sql`]: the statement check (one read-only statement, decided before DuckDB sees it).
+//! - [`query`]: parameters, running a query into a [`ResultSink`], classifying DuckDB's errors.
+//! - [`encode`]: the result formats (JSON, NDJSON, CSV, Arrow IPC stream, Parquet).
+//! - [`catalog`]: the datasets of the data directory (`NAME.parquet` files and `NAME/` folders of
+//!   Parquet files) registered as views.
+//! - [`error`]: the crate's [`Error`] type, with the path or dataset it concerns.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use ferrocorn_query_core::{Engine, EngineSettings};
+//!
+//! let settings = EngineSettings {
+//!     data_dir: "data".into(),
+//!     temp_dir: "/tmp/ferrocorn-worker-0".into(),
+//!     memory_limit_bytes: 512 << 20,
+//!     threads: 1,
+//! };
+//! let engine = Engine::open(&settings)?;
+//! engine.ping()?;
+//! # Ok::<(), ferrocorn_query_core::Error>(())
+//! ```
+
+pub mod catalog;
+pub mod encode;
+pub mod engine;
+pub mod error;
+pub mod query;
+pub mod sql;
+
+pub use arrow;
+pub use catalog::Dataset;
+pub use duckdb::InterruptHandle;
+pub use encode::{Encoder, Format, Summary};
+pub use engine::{Column, DatasetInfo, Engine, EngineSettings};
+pub use error::Error;
+pub use query::{Flow, Outcome, ParamError, ParamValue, Params, QueryError, QuerySpec, ResultSink};
+pub use sql::SqlCheckError;

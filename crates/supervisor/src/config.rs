@@ -1,0 +1,818 @@
+//! Configuration: built-in defaults < TOML file < environment < command-line flags.
+//!
+//! Two phases, as everywhere in ferrocorn:
+//!
+//! 1. **Raw**: each layer is read into a [`RawConfig`] — every key optional, unknown keys
+//!    rejected (`deny_unknown_fields`), values only type-checked. Layers are overlaid in
+//!    precedence order and each key remembers the layer it came from ([`Origin`]), which
+//!    `--print-config` shows.
+//! 2. **Resolved**: [`Config::resolve`] turns the merged raw values into the [`Config`] the
+//!    program runs on: addresses parsed, sizes and durations converted, ranges checked, the data
+//!    directory made absolute and checked. Every error names the key.
+//!
+//! Key names follow Gunicorn's settings where the concept is the same. Environment variables
+//! are `FERROCORN_<KEY>` for every key, plus the names of the Python stack ferrocorn replaces
+//! (`WORKERS`, `DUCKDB_MEMORY_LIMIT`, `DEBUG`), so an existing `.env` keeps working. The
+//! environment is read through the [`Env`] trait, so tests never touch the process environment.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use ferrocorn_worker::scoreboard::MAX_WORKERS;
+
+/// A configuration error; the message always names the key or the file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {error}")]
+    ReadFile {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    ParseFile { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// Where a key's effective value came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Default,
+    File(PathBuf),
+    Env(String),
+    Flag(&'static str),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Default => f.write_str("default"),
+            Self::File(path) => write!(f, "file {}", path.display()),
+            Self::Env(var) => write!(f, "env {var}"),
+            Self::Flag(flag) => write!(f, "flag {flag}"),
+        }
+    }
+}
+
+/// The process environment, behind a trait so tests can supply their own.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Env for BTreeMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
+macro_rules! raw_config {
+    ($( $(#[doc = $doc:literal])* $key:ident : $ty:ty ),* $(,)?) => {
+        /// Configuration as written: every key optional. See `config/ferrocorn.toml` for the
+        /// documentation of each key with its default.
+        #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+        #[serde(deny_unknown_fields)]
+        pub struct RawConfig {
+            $( $(#[doc = $doc])* #[serde(default, skip_serializing_if = "Option::is_none")] pub $key: Option<$ty>, )*
+        }
+
+        impl RawConfig {
+            /// Every key, in documentation order.
+            pub const KEYS: &'static [&'static str] = &[$(stringify!($key)),*];
+
+            /// Take every key `other` sets, recording `origin` for it.
+            pub fn overlay(&mut self, other: RawConfig, origin: &Origin, origins: &mut Origins) {
+                $(
+                    if other.$key.is_some() {
+                        self.$key = other.$key;
+                        origins.0.insert(stringify!($key), origin.clone());
+                    }
+                )*
+            }
+        }
+    };
+}
+
+raw_config! {
+    /// Addresses to listen on: `HOST:PORT`, `[IPV6]:PORT` or `unix:PATH`.
+    bind: Vec<String>,
+    /// Worker processes.
+    workers: u64,
+    /// Most concurrent connections per worker.
+    worker_connections: u64,
+    /// Requests after which a worker is replaced; 0 disables.
+    max_requests: u64,
+    /// Upper bound of the random extra requests added to `max_requests` per worker.
+    max_requests_jitter: u64,
+    /// Seconds without a heartbeat after which a worker is killed and replaced.
+    timeout: u64,
+    /// Seconds a stopping worker gets to finish its requests.
+    graceful_timeout: u64,
+    /// Seconds an idle keep-alive connection is kept; also the time a client has to send a
+    /// request's headers. 0 disables keep-alive.
+    keepalive: u64,
+    /// Listen backlog.
+    backlog: u64,
+    /// PID file, written atomically and removed on exit.
+    pidfile: PathBuf,
+    /// One SO_REUSEPORT listener per worker slot (TCP only).
+    reuse_port: bool,
+    /// Longest request line in bytes.
+    limit_request_line: u64,
+    /// Most header fields per request.
+    limit_request_fields: u64,
+    /// Longest header field in bytes.
+    limit_request_field_size: u64,
+    /// Directory of Parquet datasets.
+    data_dir: PathBuf,
+    /// Directory under which each worker gets its own DuckDB spill directory.
+    temp_dir: PathBuf,
+    /// DuckDB memory for the whole pool (divided among workers), e.g. "2GB".
+    duckdb_memory_limit: String,
+    /// DuckDB threads per worker; 0 means cores / workers (at least 1).
+    duckdb_threads: u64,
+    /// Rows a query result may have; more is cut and flagged truncated.
+    max_result_rows: u64,
+    /// Largest request body, e.g. "1MiB".
+    max_body_size: String,
+    /// Longest a query may run, in milliseconds (requests may ask for less).
+    query_timeout_ms: u64,
+    /// Queries one worker runs at once; 0 means its DuckDB threads.
+    max_concurrent_queries: u64,
+    /// Queries that may wait for a slot in one worker; more get 503 at once.
+    query_queue_depth: u64,
+    /// Longest wait for a query slot, in milliseconds, before 503.
+    query_queue_timeout_ms: u64,
+    /// Log level: debug, info, warning, error.
+    loglevel: String,
+    /// Error log file; "-" is standard error.
+    errorlog: String,
+}
+
+/// The origin of each key that a layer set.
+#[derive(Clone, Debug, Default)]
+pub struct Origins(BTreeMap<&'static str, Origin>);
+
+impl Origins {
+    pub fn get(&self, key: &str) -> Option<&Origin> {
+        self.0.get(key)
+    }
+}
+
+impl RawConfig {
+    /// The built-in defaults: the production numbers of the stack ferrocorn replaces.
+    pub fn defaults() -> Self {
+        Self {
+            bind: Some(vec!["127.0.0.1:8000".to_owned()]),
+            workers: Some(4),
+            worker_connections: Some(1000),
+            max_requests: Some(1000),
+            max_requests_jitter: Some(50),
+            timeout: Some(120),
+            graceful_timeout: Some(30),
+            keepalive: Some(5),
+            backlog: Some(2048),
+            pidfile: None,
+            reuse_port: Some(true),
+            limit_request_line: Some(4094),
+            limit_request_fields: Some(100),
+            limit_request_field_size: Some(8190),
+            data_dir: Some(PathBuf::from("data")),
+            temp_dir: Some(std::env::temp_dir()),
+            duckdb_memory_limit: Some("2GB".to_owned()),
+            duckdb_threads: Some(0),
+            max_result_rows: Some(1_000_000),
+            max_body_size: Some("1MiB".to_owned()),
+            query_timeout_ms: Some(30_000),
+            max_concurrent_queries: Some(0),
+            query_queue_depth: Some(16),
+            query_queue_timeout_ms: Some(2_000),
+            loglevel: Some("info".to_owned()),
+            errorlog: Some("-".to_owned()),
+        }
+    }
+
+    /// Read a TOML file (syntax and types only).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::ReadFile {
+            path: path.to_owned(),
+            error,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::ParseFile {
+            path: path.to_owned(),
+            message: e.message().to_owned()
+                + &e.span().map(|s| locate(&text, s.start)).unwrap_or_default(),
+        })
+    }
+
+    /// Read the environment: `FERROCORN_<KEY>` and the old stack's names.
+    pub fn from_env(env: &dyn Env) -> Result<Vec<(Self, Origin)>, ConfigError> {
+        let mut layers = Vec::new();
+        // The old stack's names first, so FERROCORN_* wins when both are set.
+        if let Some(value) = env.var("WORKERS") {
+            layers.push(env_layer("WORKERS", "workers", &value)?);
+        }
+        if let Some(value) = env.var("DUCKDB_MEMORY_LIMIT") {
+            layers.push(env_layer(
+                "DUCKDB_MEMORY_LIMIT",
+                "duckdb_memory_limit",
+                &value,
+            )?);
+        }
+        if let Some(value) = env.var("DEBUG") {
+            let debug = parse_bool(&value).ok_or_else(|| ConfigError::Env {
+                var: "DEBUG".into(),
+                message: format!("expected true or false, got {value:?}"),
+            })?;
+            if debug {
+                layers.push(env_layer("DEBUG", "loglevel", "debug")?);
+            }
+        }
+        for key in Self::KEYS {
+            let var = format!("FERROCORN_{}", key.to_ascii_uppercase());
+            if let Some(value) = env.var(&var) {
+                layers.push(env_layer(&var, key, &value)?);
+            }
+        }
+        Ok(layers)
+    }
+}
+
+/// " (key `K`, line N)" for a byte offset of a TOML text: errors about a value name its key.
+fn locate(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line_number = text[..offset].matches('\n').count() + 1;
+    let line = text[line_start..].lines().next().unwrap_or("");
+    match line.split_once('=') {
+        Some((key, _)) if !key.trim().is_empty() && !key.trim().starts_with('[') => {
+            format!(" (key `{}`, line {line_number})", key.trim())
+        }
+        _ => format!(" (line {line_number})"),
+    }
+}
+
+fn parse_bool(value: &str) -> Option<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" | "" => Some(false),
+        _ => None,
+    }
+}
+
+/// One environment variable as a one-key layer. The value is taken as a TOML value when it is
+/// one of the key's type, else as a string; `bind` takes a comma-separated list.
+fn env_layer(var: &str, key: &str, value: &str) -> Result<(RawConfig, Origin), ConfigError> {
+    let mut candidates = Vec::new();
+    if key == "bind" {
+        let list: Vec<toml::Value> = value
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| toml::Value::String(s.to_owned()))
+            .collect();
+        candidates.push(toml::Value::Array(list));
+    } else {
+        if let Some(b) = parse_bool(value).filter(|_| !value.trim().is_empty()) {
+            candidates.push(toml::Value::Boolean(b));
+        }
+        if let Ok(n) = value.trim().parse::<i64>() {
+            candidates.push(toml::Value::Integer(n));
+        }
+        candidates.push(toml::Value::String(value.to_owned()));
+    }
+    let mut last_error = String::new();
+    for candidate in candidates {
+        let mut table = toml::Table::new();
+        table.insert(key.to_owned(), candidate);
+        match table.try_into::<RawConfig>() {
+            Ok(raw) => return Ok((raw, Origin::Env(var.to_owned()))),
+            Err(e) => last_error = e.message().to_owned(),
+        }
+    }
+    Err(ConfigError::Env {
+        var: var.to_owned(),
+        message: format!("invalid value {value:?} for `{key}`: {last_error}"),
+    })
+}
+
+/// A listen address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum BindAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for BindAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(addr) => write!(f, "{addr}"),
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl BindAddr {
+    /// Parse `HOST:PORT`, `[IPV6]:PORT`, `localhost:PORT` or `unix:PATH`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a path".into());
+            }
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Ok(Self::Tcp(addr));
+        }
+        if let Some(port) = text.strip_prefix("localhost:") {
+            let port = port
+                .parse::<u16>()
+                .map_err(|_| format!("bad port in {text:?}"))?;
+            return Ok(Self::Tcp(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                port,
+            )));
+        }
+        Err(format!(
+            "{text:?} is not HOST:PORT, [IPV6]:PORT or unix:PATH (HOST must be an IP address or localhost)"
+        ))
+    }
+}
+
+/// The resolved configuration the master runs on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub binds: Vec<BindAddr>,
+    pub workers: usize,
+    pub worker_connections: usize,
+    pub max_requests: u64,
+    pub max_requests_jitter: u64,
+    pub timeout: Duration,
+    pub graceful_timeout: Duration,
+    pub keepalive: Duration,
+    pub backlog: i32,
+    pub pidfile: Option<PathBuf>,
+    pub reuse_port: bool,
+    pub limit_request_line: usize,
+    pub limit_request_fields: usize,
+    pub limit_request_field_size: usize,
+    pub data_dir: PathBuf,
+    pub temp_dir: PathBuf,
+    pub duckdb_memory_limit_bytes: u64,
+    pub duckdb_threads: Option<u32>,
+    pub max_result_rows: u64,
+    pub max_body_bytes: usize,
+    pub query_timeout: Duration,
+    pub max_concurrent_queries: Option<usize>,
+    pub query_queue_depth: usize,
+    pub query_queue_timeout: Duration,
+    pub loglevel: String,
+    pub errorlog: Option<PathBuf>,
+}
+
+fn require<T: Clone>(value: &Option<T>, key: &'static str) -> Result<T, ConfigError> {
+    value.clone().ok_or_else(|| invalid(key, "missing"))
+}
+
+fn in_range(key: &'static str, value: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+    if value < min || value > max {
+        return Err(invalid(key, format!("{value} is outside {min}..={max}")));
+    }
+    Ok(value)
+}
+
+impl Config {
+    /// Validate the merged raw configuration. Nothing is bound or forked before this succeeds.
+    pub fn resolve(raw: &RawConfig) -> Result<Self, ConfigError> {
+        let bind_texts = require(&raw.bind, "bind")?;
+        if bind_texts.is_empty() {
+            return Err(invalid("bind", "at least one address is needed"));
+        }
+        let mut binds = Vec::with_capacity(bind_texts.len());
+        for text in &bind_texts {
+            let addr = BindAddr::parse(text).map_err(|m| invalid("bind", m))?;
+            if binds.contains(&addr) {
+                return Err(invalid("bind", format!("{text:?} is listed twice")));
+            }
+            binds.push(addr);
+        }
+        let workers = in_range(
+            "workers",
+            require(&raw.workers, "workers")?,
+            1,
+            MAX_WORKERS as u64,
+        )?;
+        let worker_connections = in_range(
+            "worker_connections",
+            require(&raw.worker_connections, "worker_connections")?,
+            1,
+            1_000_000,
+        )?;
+        let timeout = in_range("timeout", require(&raw.timeout, "timeout")?, 1, 86_400)?;
+        let graceful_timeout = in_range(
+            "graceful_timeout",
+            require(&raw.graceful_timeout, "graceful_timeout")?,
+            0,
+            86_400,
+        )?;
+        let keepalive = in_range("keepalive", require(&raw.keepalive, "keepalive")?, 0, 3600)?;
+        let backlog = in_range("backlog", require(&raw.backlog, "backlog")?, 1, 65_535)?;
+        let limit_request_line = in_range(
+            "limit_request_line",
+            require(&raw.limit_request_line, "limit_request_line")?,
+            64,
+            65_536,
+        )?;
+        let limit_request_fields = in_range(
+            "limit_request_fields",
+            require(&raw.limit_request_fields, "limit_request_fields")?,
+            1,
+            32_768,
+        )?;
+        let limit_request_field_size = in_range(
+            "limit_request_field_size",
+            require(&raw.limit_request_field_size, "limit_request_field_size")?,
+            64,
+            65_536,
+        )?;
+
+        let data_dir = require(&raw.data_dir, "data_dir")?;
+        let data_dir = absolute(&data_dir);
+        if !data_dir.is_dir() {
+            return Err(invalid(
+                "data_dir",
+                format!(
+                    "{} does not exist or is not a directory",
+                    data_dir.display()
+                ),
+            ));
+        }
+        if data_dir == Path::new("/") {
+            return Err(invalid(
+                "data_dir",
+                "the root directory cannot be the data directory",
+            ));
+        }
+        let temp_dir = absolute(&require(&raw.temp_dir, "temp_dir")?);
+        if !temp_dir.is_dir() {
+            return Err(invalid(
+                "temp_dir",
+                format!(
+                    "{} does not exist or is not a directory",
+                    temp_dir.display()
+                ),
+            ));
+        }
+        let memory_text = require(&raw.duckdb_memory_limit, "duckdb_memory_limit")?;
+        let duckdb_memory_limit_bytes =
+            parse_size(&memory_text).map_err(|m| invalid("duckdb_memory_limit", m))?;
+        if duckdb_memory_limit_bytes < (16 << 20) * workers {
+            return Err(invalid(
+                "duckdb_memory_limit",
+                format!("{memory_text} leaves less than 16 MiB per worker"),
+            ));
+        }
+        let duckdb_threads = match in_range(
+            "duckdb_threads",
+            require(&raw.duckdb_threads, "duckdb_threads")?,
+            0,
+            1024,
+        )? {
+            0 => None,
+            n => Some(n as u32),
+        };
+        let max_result_rows = in_range(
+            "max_result_rows",
+            require(&raw.max_result_rows, "max_result_rows")?,
+            1,
+            u64::MAX,
+        )?;
+        let body_text = require(&raw.max_body_size, "max_body_size")?;
+        let max_body_bytes = parse_size(&body_text).map_err(|m| invalid("max_body_size", m))?;
+        let max_body_bytes = in_range("max_body_size", max_body_bytes, 1024, 1 << 30)? as usize;
+        let query_timeout_ms = in_range(
+            "query_timeout_ms",
+            require(&raw.query_timeout_ms, "query_timeout_ms")?,
+            1,
+            86_400_000,
+        )?;
+        let max_concurrent_queries = match in_range(
+            "max_concurrent_queries",
+            require(&raw.max_concurrent_queries, "max_concurrent_queries")?,
+            0,
+            1024,
+        )? {
+            0 => None,
+            n => Some(n as usize),
+        };
+        let query_queue_depth = in_range(
+            "query_queue_depth",
+            require(&raw.query_queue_depth, "query_queue_depth")?,
+            0,
+            100_000,
+        )? as usize;
+        let query_queue_timeout_ms = in_range(
+            "query_queue_timeout_ms",
+            require(&raw.query_queue_timeout_ms, "query_queue_timeout_ms")?,
+            0,
+            600_000,
+        )?;
+        let loglevel = require(&raw.loglevel, "loglevel")?.to_ascii_lowercase();
+        let loglevel = match loglevel.as_str() {
+            "debug" | "info" | "error" | "trace" => loglevel,
+            "warning" | "warn" => "warn".to_owned(),
+            "critical" => "error".to_owned(),
+            other => {
+                return Err(invalid(
+                    "loglevel",
+                    format!("{other:?} is not one of debug, info, warning, error"),
+                ));
+            }
+        };
+        let errorlog = match require(&raw.errorlog, "errorlog")?.as_str() {
+            "-" | "" => None,
+            path => Some(absolute(Path::new(path))),
+        };
+
+        Ok(Self {
+            binds,
+            workers: workers as usize,
+            worker_connections: worker_connections as usize,
+            max_requests: require(&raw.max_requests, "max_requests")?,
+            max_requests_jitter: require(&raw.max_requests_jitter, "max_requests_jitter")?,
+            timeout: Duration::from_secs(timeout),
+            graceful_timeout: Duration::from_secs(graceful_timeout),
+            keepalive: Duration::from_secs(keepalive),
+            backlog: backlog as i32,
+            pidfile: raw.pidfile.as_deref().map(absolute),
+            reuse_port: require(&raw.reuse_port, "reuse_port")?,
+            limit_request_line: limit_request_line as usize,
+            limit_request_fields: limit_request_fields as usize,
+            limit_request_field_size: limit_request_field_size as usize,
+            data_dir,
+            temp_dir,
+            duckdb_memory_limit_bytes,
+            duckdb_threads,
+            max_result_rows,
+            max_body_bytes,
+            query_timeout: Duration::from_millis(query_timeout_ms),
+            max_concurrent_queries,
+            query_queue_depth,
+            query_queue_timeout: Duration::from_millis(query_queue_timeout_ms),
+            loglevel,
+            errorlog,
+        })
+    }
+
+    /// DuckDB's memory limit for one worker: the pool's budget divided among the workers.
+    pub fn worker_memory_limit_bytes(&self, workers: usize) -> u64 {
+        self.duckdb_memory_limit_bytes / workers.max(1) as u64
+    }
+
+    /// DuckDB's threads for one worker: the configured number, or cores / workers (at least 1).
+    pub fn worker_threads(&self, workers: usize) -> u32 {
+        self.duckdb_threads.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / workers.max(1)).max(1) as u32
+        })
+    }
+}
+
+/// An absolute path without touching the file system beyond the current directory.
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+/// Parse a size such as `2GB`, `512MiB`, `1.5GB` or `1073741824` into bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 2GB or 512MiB"))?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" | "k" => 1_000,
+        "mb" | "m" => 1_000_000,
+        "gb" | "g" => 1_000_000_000,
+        "tb" | "t" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit {other:?} in {text:?}")),
+    };
+    let bytes = number * multiplier as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!("{text:?} is out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+/// Render the effective configuration with each key's origin, as TOML.
+pub fn render(raw: &RawConfig, origins: &Origins) -> String {
+    let table = toml::Table::try_from(raw).unwrap_or_default();
+    let mut out = String::new();
+    for key in RawConfig::KEYS {
+        let origin = origins
+            .get(key)
+            .map_or_else(|| "default".to_owned(), ToString::to_string);
+        match table.get(*key) {
+            Some(value) => out.push_str(&format!("{key} = {value}  # {origin}\n")),
+            None => out.push_str(&format!("# {key} is not set  # {origin}\n")),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("1.5 GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("2XB").is_err());
+        assert!(parse_size("0").is_err());
+    }
+
+    #[test]
+    fn bind_addresses() {
+        assert_eq!(
+            BindAddr::parse("127.0.0.1:8000"),
+            Ok(BindAddr::Tcp("127.0.0.1:8000".parse().expect("addr")))
+        );
+        assert_eq!(
+            BindAddr::parse("[::1]:0"),
+            Ok(BindAddr::Tcp("[::1]:0".parse().expect("addr")))
+        );
+        assert_eq!(
+            BindAddr::parse("unix:/run/f.sock"),
+            Ok(BindAddr::Unix("/run/f.sock".into()))
+        );
+        assert!(BindAddr::parse("example.com:80").is_err());
+        assert!(BindAddr::parse("127.0.0.1").is_err());
+    }
+
+    #[test]
+    fn bad_file_value_names_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f.toml");
+        std::fs::write(&path, "workers = 2\ntimeout = -1\n").expect("write");
+        let err = RawConfig::from_file(&path).expect_err("negative");
+        assert!(err.to_string().contains("key `timeout`, line 2"), "{err}");
+    }
+
+    #[test]
+    fn unknown_file_key_is_named() {
+        let err = toml::from_str::<RawConfig>("wrokers = 3").expect_err("unknown key");
+        assert!(err.message().contains("wrokers"), "{}", err.message());
+    }
+
+    #[test]
+    fn env_layers_understand_old_names_and_ferrocorn_wins() {
+        let layers = RawConfig::from_env(&env(&[
+            ("WORKERS", "2"),
+            ("FERROCORN_WORKERS", "3"),
+            ("DUCKDB_MEMORY_LIMIT", "1GB"),
+            ("DEBUG", "true"),
+            ("FERROCORN_BIND", "127.0.0.1:1, [::1]:2"),
+            ("FERROCORN_DATA_DIR", "123"),
+        ]))
+        .expect("env");
+        let mut raw = RawConfig::default();
+        let mut origins = Origins::default();
+        for (layer, origin) in layers {
+            raw.overlay(layer, &origin, &mut origins);
+        }
+        assert_eq!(raw.workers, Some(3));
+        assert_eq!(
+            origins.get("workers"),
+            Some(&Origin::Env("FERROCORN_WORKERS".into()))
+        );
+        assert_eq!(raw.duckdb_memory_limit.as_deref(), Some("1GB"));
+        assert_eq!(raw.loglevel.as_deref(), Some("debug"));
+        assert_eq!(raw.bind, Some(vec!["127.0.0.1:1".into(), "[::1]:2".into()]));
+        assert_eq!(raw.data_dir, Some(PathBuf::from("123")));
+    }
+
+    #[test]
+    fn bad_env_value_names_the_variable_and_key() {
+        let err = RawConfig::from_env(&env(&[("WORKERS", "many")])).expect_err("bad");
+        let text = err.to_string();
+        assert!(
+            text.contains("WORKERS") && text.contains("`workers`"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn resolve_checks_ranges_and_names_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut raw = RawConfig::defaults();
+        raw.data_dir = Some(dir.path().to_owned());
+        assert!(Config::resolve(&raw).is_ok());
+
+        let mut bad = raw.clone();
+        bad.workers = Some(0);
+        assert!(
+            Config::resolve(&bad)
+                .expect_err("0 workers")
+                .to_string()
+                .contains("`workers`")
+        );
+
+        let mut bad = raw.clone();
+        bad.data_dir = Some(dir.path().join("missing"));
+        assert!(
+            Config::resolve(&bad)
+                .expect_err("missing")
+                .to_string()
+                .contains("`data_dir`")
+        );
+
+        let mut bad = raw.clone();
+        bad.bind = Some(vec!["nowhere".into()]);
+        assert!(
+            Config::resolve(&bad)
+                .expect_err("bind")
+                .to_string()
+                .contains("`bind`")
+        );
+
+        let mut bad = raw;
+        bad.duckdb_memory_limit = Some("10MB".into());
+        assert!(
+            Config::resolve(&bad)
+                .expect_err("too small")
+                .to_string()
+                .contains("`duckdb_memory_limit`")
+        );
+    }
+
+    #[test]
+    fn pool_budget_is_divided() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut raw = RawConfig::defaults();
+        raw.data_dir = Some(dir.path().to_owned());
+        raw.duckdb_threads = Some(3);
+        let config = Config::resolve(&raw).expect("valid");
+        assert_eq!(config.worker_memory_limit_bytes(4), 500_000_000);
+        assert_eq!(config.worker_threads(4), 3);
+    }
+
+    #[test]
+    fn render_shows_origins() {
+        let mut raw = RawConfig::defaults();
+        let mut origins = Origins::default();
+        raw.overlay(
+            RawConfig {
+                workers: Some(7),
+                ..RawConfig::default()
+            },
+            &Origin::Flag("--workers"),
+            &mut origins,
+        );
+        let text = render(&raw, &origins);
+        assert!(text.contains("workers = 7  # flag --workers"), "{text}");
+        assert!(text.contains("keepalive = 5  # default"), "{text}");
+    }
+}

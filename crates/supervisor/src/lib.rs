@@ -1,0 +1,135 @@
+//! ferrocorn's master process: configuration, listeners, and supervision of the worker pool.
+//!
+//! `main.rs` only calls [`main`]. The master parses the configuration, binds the listeners, maps
+//! the shared scoreboard, forks the workers and then only watches them: signals, heartbeats,
+//! exits. It never serves a request and never opens DuckDB.
+//!
+//! # Layout
+//!
+//! - [`cli`]: command-line flags, and loading every configuration layer.
+//! - [`config`]: raw configuration (defaults, file, environment) and its resolution into
+//!   [`config::Config`].
+//! - [`listeners`]: binding TCP and unix sockets, per slot (`SO_REUSEPORT`) or shared.
+//! - [`master`]: the supervision loop, its lifecycle and the worker pool.
+//! - [`logging`]: the log subscriber, reopened on SIGUSR1.
+//! - [`pidfile`]: the atomically written PID file.
+//! - [`sys`]: every `unsafe` call (fork, the shared mapping, the reuseport BPF program).
+//!
+//! # Fork rules
+//!
+//! DuckDB and tokio are not fork-safe, and a child forked from a multi-threaded process may only
+//! call async-signal-safe functions. So **the master is single-threaded at every fork**:
+//!
+//! - no tokio runtime, DuckDB handle, thread pool or logging thread is ever created in the
+//!   master; the log subscriber writes synchronously;
+//! - signals are blocked and read from a `signalfd` in the master's own loop (no signal thread,
+//!   no handler state for the child to inherit); a child unblocks them before it builds its
+//!   runtime;
+//! - everything not fork-safe is created by the worker after the fork
+//!   ([`ferrocorn_worker::run`]);
+//! - a child closes the master's descriptors (signalfd, wake-up pipe, other slots' listeners)
+//!   before it does anything else.
+//!
+//! The end-to-end test `master_is_single_threaded_and_workers_are_its_children` reads the
+//! master's thread count from `/proc/<pid>/status`.
+//!
+//! # Exit codes
+//!
+//! | code | meaning |
+//! | --- | --- |
+//! | 0 | stopped by a signal (TERM, INT, QUIT), or `--check-config`/`--print-config` succeeded |
+//! | 3 | no worker could boot at start-up (the reason is printed) |
+//! | 64 | invalid flags or configuration (`EX_USAGE`) |
+//! | 69 | a listener could not be bound, e.g. the port is in use (`EX_UNAVAILABLE`) |
+//! | 71 | an operating-system call failed at start-up (`EX_OSERR`) |
+//! | 73 | the log or PID file could not be created (`EX_CANTCREAT`) |
+
+pub mod cli;
+pub mod config;
+pub mod listeners;
+pub mod logging;
+pub mod master;
+pub mod pidfile;
+mod sys;
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::cli::Cli;
+use crate::config::{Config, ProcessEnv};
+use crate::master::Master;
+
+pub const EXIT_USAGE: i32 = 64;
+pub const EXIT_UNAVAILABLE: i32 = 69;
+pub const EXIT_OSERR: i32 = 71;
+pub const EXIT_CANTCREAT: i32 = 73;
+pub use ferrocorn_worker::EXIT_BOOT_FAILED;
+
+/// Why the master could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bind(listeners::BindError),
+    #[error("cannot write pid file {0}: {1}")]
+    PidFile(PathBuf, std::io::Error),
+    #[error("{0}: {1}")]
+    Os(&'static str, std::io::Error),
+}
+
+impl StartError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            Self::Bind(_) => EXIT_UNAVAILABLE,
+            Self::PidFile(..) => EXIT_CANTCREAT,
+            Self::Os(..) => EXIT_OSERR,
+        }
+    }
+}
+
+/// The `ferrocorn` command; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_USAGE } else { 0 };
+        }
+    };
+    let (raw, origins) = match cli.load(&ProcessEnv) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("ferrocorn: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    if cli.print_config {
+        print!("{}", config::render(&raw, &origins));
+    }
+    let config = match Config::resolve(&raw) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("ferrocorn: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    if cli.print_config {
+        return 0;
+    }
+    if cli.check_config {
+        eprintln!("ferrocorn: configuration is valid");
+        return 0;
+    }
+    if let Err(e) = logging::init(&config.loglevel, config.errorlog.as_deref()) {
+        eprintln!("ferrocorn: cannot open the error log: {e}");
+        return EXIT_CANTCREAT;
+    }
+    let master = match Master::start(cli, config) {
+        Ok(master) => master,
+        Err(e) => {
+            eprintln!("ferrocorn: {e}");
+            return e.exit_code();
+        }
+    };
+    master.run()
+}

@@ -1,0 +1,109 @@
+//! Every `unsafe` operation of ferrocorn, in one place.
+//!
+//! - [`map_scoreboard`]: the anonymous shared mapping behind the scoreboard;
+//! - [`fork`]: forking a worker (sound only because the master is single-threaded, see the
+//!   crate docs);
+//! - [`steer_reuseport`]: the classic BPF program that limits which of a port's `SO_REUSEPORT`
+//!   listeners receive new connections.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::num::NonZeroUsize;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use ferrocorn_worker::scoreboard::Scoreboard;
+use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous};
+use nix::unistd::ForkResult;
+
+/// Map the scoreboard: zeroed, shared with every process forked afterwards, never unmapped.
+pub fn map_scoreboard() -> io::Result<&'static Scoreboard> {
+    let len = NonZeroUsize::new(std::mem::size_of::<Scoreboard>())
+        .ok_or_else(|| io::Error::other("empty scoreboard"))?;
+    // SAFETY: an anonymous mapping at an address of the kernel's choosing cannot alias any
+    // existing Rust object.
+    let ptr = unsafe {
+        mmap_anonymous(
+            None,
+            len,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+        )
+    }
+    .map_err(io::Error::from)?;
+    // SAFETY: the mapping is page-aligned (more than `Scoreboard`'s alignment), `len` bytes long,
+    // zero-filled by the kernel, and `Scoreboard` is `repr(C)` made only of atomics, for which
+    // all-zero bytes are a valid value. It is never unmapped, so `'static` holds; it is only
+    // accessed through atomics, so sharing it with other processes is sound.
+    Ok(unsafe { &*ptr.as_ptr().cast::<Scoreboard>() })
+}
+
+/// Fork the process.
+pub fn fork() -> io::Result<ForkResult> {
+    // SAFETY: the master is single-threaded whenever it forks (the supervisor's fork rules: no
+    // tokio runtime, DuckDB handle or logging thread ever exists in it, and a test checks the
+    // thread count), so the child cannot inherit a lock held by another thread and may run
+    // arbitrary code, not only async-signal-safe functions.
+    unsafe { nix::unistd::fork() }.map_err(io::Error::from)
+}
+
+/// Steer new connections of a `SO_REUSEPORT` group to its first `active` listeners.
+///
+/// The kernel numbers a group's listeners in the order they joined it, and removing one moves the
+/// last into its place; ferrocorn only ever adds and removes the highest slot, so index `i` is
+/// slot `i`. The program returns a random index below `active`: a slot being added receives
+/// nothing until its worker is ready, and a slot being removed stops receiving before its queue
+/// is drained and its listener closed.
+pub fn steer_reuseport(listener: BorrowedFd<'_>, active: u32) -> io::Result<()> {
+    if active == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no active slot",
+        ));
+    }
+    // Classic BPF opcodes (linux/filter.h, linux/bpf_common.h).
+    const BPF_LD_W_ABS: u16 = 0x20;
+    const BPF_ALU_MOD_K: u16 = 0x04 | 0x90;
+    const BPF_RET_A: u16 = 0x06 | 0x10;
+    // SKF_AD_OFF + SKF_AD_RANDOM: the ancillary load of a random u32.
+    const SKF_AD_RANDOM: u32 = (-0x1000i32) as u32 + 56;
+    let mut program = [
+        libc::sock_filter {
+            code: BPF_LD_W_ABS,
+            jt: 0,
+            jf: 0,
+            k: SKF_AD_RANDOM,
+        },
+        libc::sock_filter {
+            code: BPF_ALU_MOD_K,
+            jt: 0,
+            jf: 0,
+            k: active,
+        },
+        libc::sock_filter {
+            code: BPF_RET_A,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+    ];
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: `fprog` points at `program`, which outlives the call; the kernel copies the program
+    // and validates it; the fd is a valid socket for the borrow's lifetime.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

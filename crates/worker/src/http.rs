@@ -1,0 +1,290 @@
+//! The worker's HTTP application: router, front-line middleware and endpoints.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use axum::body::Bytes;
+use axum::extract::Path;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use ferrocorn_query_core::error::chain as error_chain;
+use ferrocorn_query_core::{DatasetInfo, Engine};
+use http::{HeaderValue, header};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::openapi::{ApiDoc, ColumnDoc, DatasetDoc, DatasetList, Health, Ready};
+use crate::problem::{ApiError, Problem};
+use crate::query::{Admission, QuerySettings};
+use crate::scoreboard::WorkerRecord;
+use crate::settings::WorkerSettings;
+
+tokio::task_local! {
+    static REQUEST_ID: String;
+}
+
+/// The id of the request being handled, for error documents.
+pub fn current_request_id() -> Option<String> {
+    REQUEST_ID.try_with(Clone::clone).ok()
+}
+
+/// State shared by every request of one worker.
+pub struct AppState {
+    pub slot: usize,
+    pub pid: u32,
+    pub engine: Arc<Engine>,
+    pub record: &'static WorkerRecord,
+    pub settings: WorkerSettings,
+    pub query: QuerySettings,
+    pub admission: Admission,
+    /// Set when the worker drains: every response then carries `Connection: close`.
+    pub draining: AtomicBool,
+    /// Called once when the request budget is spent.
+    pub on_budget_spent: Box<dyn Fn() + Send + Sync>,
+    next_request: AtomicU64,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("slot", &self.slot)
+            .field("pid", &self.pid)
+            .field("draining", &self.draining)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    pub fn new(
+        slot: usize,
+        engine: Arc<Engine>,
+        record: &'static WorkerRecord,
+        settings: WorkerSettings,
+        on_budget_spent: Box<dyn Fn() + Send + Sync>,
+    ) -> Self {
+        Self {
+            slot,
+            pid: std::process::id(),
+            engine,
+            record,
+            query: settings.query.clone(),
+            admission: Admission::new(&settings.query),
+            settings,
+            draining: AtomicBool::new(false),
+            on_budget_spent,
+            next_request: AtomicU64::new(1),
+        }
+    }
+
+    fn request_id(&self, incoming: Option<&HeaderValue>) -> String {
+        // A caller's id is kept when it is short and printable, so a proxy's id flows through.
+        if let Some(id) = incoming.and_then(|v| v.to_str().ok())
+            && !id.is_empty()
+            && id.len() <= 128
+            && id.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return id.to_owned();
+        }
+        let n = self.next_request.fetch_add(1, Ordering::Relaxed);
+        format!("{:x}-{:x}", self.pid, n)
+    }
+}
+
+/// The routes with their OpenAPI descriptions.
+fn documented_routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
+    use utoipa::OpenApi;
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(crate::query::get_query, crate::query::post_query))
+        .routes(routes!(list_datasets))
+        .routes(routes!(get_dataset))
+        .split_for_parts()
+}
+
+/// The OpenAPI document as served at `/openapi.json`.
+pub fn openapi_json() -> String {
+    documented_routes().1.to_pretty_json().unwrap_or_default()
+}
+
+/// Build the router.
+pub fn router(state: Arc<AppState>) -> Router {
+    let (routes, api) = documented_routes();
+    let spec = Bytes::from(api.to_pretty_json().unwrap_or_default());
+    routes
+        .route(
+            "/openapi.json",
+            get(move || {
+                let spec = spec.clone();
+                async move { ([(header::CONTENT_TYPE, "application/json")], spec) }
+            }),
+        )
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(state.clone(), front_line))
+        .with_state(state)
+}
+
+/// Runs around every request: limits, request id, accounting, drain.
+async fn front_line(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let request_id = state.request_id(request.headers().get("x-request-id"));
+    REQUEST_ID
+        .scope(request_id.clone(), async move {
+            let mut response = match check_limits(&state.settings, &request) {
+                Err(e) => e.into_response(),
+                Ok(()) => {
+                    let line = format!("{} {}", request.method(), request.uri());
+                    let started = state.record.request_started(&line);
+                    let _in_flight = InFlight(state.record);
+                    if state
+                        .settings
+                        .request_budget
+                        .is_some_and(|budget| started >= budget)
+                        && state.record.request_retirement()
+                    {
+                        tracing::info!(
+                            slot = state.slot,
+                            pid = state.pid,
+                            requests = started,
+                            "worker request budget spent; asking for a successor"
+                        );
+                        (state.on_budget_spent)();
+                    }
+                    tracing::debug!(request_id = %request_id, %line, "request");
+                    next.run(request).await
+                }
+            };
+            let headers = response.headers_mut();
+            if let Ok(value) = HeaderValue::from_str(&request_id) {
+                headers.insert("x-request-id", value);
+            }
+            if state.draining.load(Ordering::Relaxed) {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
+        })
+        .await
+}
+
+/// Decrements the in-flight count however the request ends (including a dropped future).
+struct InFlight(&'static WorkerRecord);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.request_finished();
+    }
+}
+
+fn check_limits(settings: &WorkerSettings, request: &Request) -> Result<(), ApiError> {
+    // The request line is "METHOD SP target SP HTTP/1.1"; hyper has parsed it already.
+    let line_len =
+        request.method().as_str().len() + request.uri().to_string().len() + " HTTP/1.1".len() + 1;
+    if line_len > settings.limit_request_line {
+        return Err(ApiError::RequestLineTooLong {
+            limit: settings.limit_request_line,
+        });
+    }
+    for (name, value) in request.headers() {
+        if name.as_str().len() + value.len() + 2 > settings.limit_request_field_size {
+            return Err(ApiError::HeaderFieldTooLarge {
+                name: name.as_str().to_owned(),
+                limit: settings.limit_request_field_size,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Liveness: answers from the worker's event loop, never touches DuckDB.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The worker is alive", body = Health)))]
+async fn healthz(State(state): State<Arc<AppState>>) -> Json<Health> {
+    Json(Health {
+        status: "ok",
+        slot: state.slot,
+        pid: state.pid,
+    })
+}
+
+/// Readiness: the worker's DuckDB answers `SELECT 1`.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "DuckDB open, datasets registered", body = Ready),
+        (status = 503, description = "`not_ready`", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Ready>, ApiError> {
+    let engine = state.engine.clone();
+    tokio::task::spawn_blocking(move || engine.ping())
+        .await
+        .map_err(|_| ApiError::Internal)?
+        .map_err(|e| ApiError::NotReady(error_chain(&e)))?;
+    Ok(Json(Ready {
+        status: "ready",
+        slot: state.slot,
+        pid: state.pid,
+        duckdb: state.engine.duckdb_version().to_owned(),
+        datasets: state.engine.dataset_count(),
+    }))
+}
+
+/// How often a worker may rescan the data directory for new or changed datasets.
+pub const RESCAN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+async fn fresh_catalog(state: &AppState) -> Result<Arc<Vec<DatasetInfo>>, ApiError> {
+    let engine = state.engine.clone();
+    tokio::task::spawn_blocking(move || {
+        engine.refresh_if_due(RESCAN_INTERVAL);
+        engine.catalog()
+    })
+    .await
+    .map_err(|_| ApiError::Internal)
+}
+
+fn describe(info: &DatasetInfo) -> DatasetDoc {
+    DatasetDoc {
+        name: info.dataset.name.clone(),
+        columns: info
+            .columns
+            .iter()
+            .map(|c| ColumnDoc {
+                name: c.name.clone(),
+                sql_type: c.sql_type.clone(),
+            })
+            .collect(),
+        files: info.dataset.files.clone(),
+        bytes: info.dataset.bytes,
+        row_estimate: info.row_estimate,
+        dataset_version: info.dataset.version.clone(),
+    }
+}
+
+/// The catalogue: every dataset of the data directory.
+#[utoipa::path(get, path = "/v1/datasets", tag = "datasets",
+    responses((status = 200, description = "The datasets, by name", body = DatasetList)))]
+async fn list_datasets(State(state): State<Arc<AppState>>) -> Result<Json<DatasetList>, ApiError> {
+    let catalog = fresh_catalog(&state).await?;
+    Ok(Json(DatasetList {
+        datasets: catalog.iter().map(describe).collect(),
+    }))
+}
+
+/// One dataset.
+#[utoipa::path(get, path = "/v1/datasets/{name}", tag = "datasets",
+    params(("name" = String, Path, description = "The dataset's name")),
+    responses(
+        (status = 200, description = "The dataset", body = DatasetDoc),
+        (status = 404, description = "`unknown_dataset`", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn get_dataset(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<DatasetDoc>, ApiError> {
+    let catalog = fresh_catalog(&state).await?;
+    catalog
+        .iter()
+        .find(|d| d.dataset.name == name)
+        .map(|d| Json(describe(d)))
+        .ok_or(ApiError::UnknownDataset(name))
+}

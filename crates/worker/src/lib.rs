@@ -1,0 +1,37 @@
+//! ferrocorn's worker process: the HTTP server that runs in each forked child.
+//!
+//! The master forks a worker per slot and calls [`run`] in the child. Everything that is not
+//! fork-safe (the tokio runtime, DuckDB, thread pools) is created here, after the fork.
+//!
+//! # Layout
+//!
+//! - [`scoreboard`]: the shared-memory records through which a worker reports its state,
+//!   heartbeat and request count to the master.
+//! - [`settings`]: what the supervisor passes down ([`WorkerSettings`], [`WorkerArgs`]).
+//! - [`server`]: the lifecycle (booting → ready → draining → exited), the accept loop with its
+//!   connection cap, per-connection hyper settings (keep-alive, header timeout, limits), drain.
+//! - [`http`]: the router, the front-line middleware (request ids, request line and header
+//!   limits, request counting, `Connection: close` while draining) and the endpoints.
+//! - [`query`]: `/v1/query`: parsing, format negotiation, admission control, deadlines,
+//!   cancellation and streaming.
+//! - [`openapi`]: the API contract (`/openapi.json`), generated from the routes and types.
+//! - [`problem`]: the API's error type and its mapping to `application/problem+json`.
+//!
+//! # Signals (inside a worker)
+//!
+//! | signal | meaning |
+//! | --- | --- |
+//! | TERM | drain: stop accepting, answer what is in flight with `Connection: close`, exit 0 |
+//! | INT, QUIT | exit at once |
+//! | USR1 | reopen log files |
+
+pub mod http;
+pub mod openapi;
+pub mod problem;
+pub mod query;
+pub mod scoreboard;
+pub mod server;
+pub mod settings;
+
+pub use server::{EXIT_BOOT_FAILED, WorkerPhase, run};
+pub use settings::{Listener, WorkerArgs, WorkerSettings};

@@ -1,0 +1,98 @@
+//! The API contract, generated from the code.
+//!
+//! Every route is registered through `utoipa_axum`'s `OpenApiRouter` together with its
+//! `#[utoipa::path]` description, so a route cannot exist without being documented; the body
+//! types below derive their schemas from the same structs the handlers serialize.
+
+use serde::Serialize;
+use utoipa::{OpenApi, ToSchema};
+
+use crate::problem::Problem;
+use crate::query::QueryBody;
+
+/// The OpenAPI document's fixed parts; paths are added by the router.
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(
+        title = "ferrocorn",
+        description = "Read-only SQL over the Parquet data directory, served by a pre-fork pool of DuckDB workers. \
+                       Errors are application/problem+json with a stable `code`."
+    ),
+    components(schemas(
+        Problem,
+        QueryBody,
+        JsonResult,
+        ColumnDoc,
+        DatasetDoc,
+        DatasetList,
+        Health,
+        Ready
+    ))
+)]
+pub struct ApiDoc;
+
+/// `GET /healthz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: &'static str,
+    /// The worker's slot.
+    pub slot: usize,
+    /// The worker's process id.
+    pub pid: u32,
+}
+
+/// `GET /readyz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Ready {
+    /// Always `ready`.
+    pub status: &'static str,
+    pub slot: usize,
+    pub pid: u32,
+    /// DuckDB's version.
+    pub duckdb: String,
+    /// Registered datasets.
+    pub datasets: usize,
+}
+
+/// A column: its name and DuckDB type.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ColumnDoc {
+    pub name: String,
+    /// DuckDB's type name, e.g. `DECIMAL(12,2)`.
+    #[serde(rename = "type")]
+    pub sql_type: String,
+}
+
+/// A dataset of the data directory.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DatasetDoc {
+    pub name: String,
+    pub columns: Vec<ColumnDoc>,
+    /// Parquet files, relative to the data directory.
+    pub files: Vec<String>,
+    /// Total size of the files in bytes.
+    pub bytes: u64,
+    /// Rows according to the Parquet footers.
+    pub row_estimate: Option<u64>,
+    /// Changes whenever any file of the dataset changes.
+    pub dataset_version: String,
+}
+
+/// `GET /v1/datasets`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DatasetList {
+    pub datasets: Vec<DatasetDoc>,
+}
+
+/// A result in the `json` format. Integers outside ±2^53, HUGEINT and DECIMAL values are
+/// strings, so that no digit is lost; dates and timestamps are ISO 8601 strings.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JsonResult {
+    pub columns: Vec<ColumnDoc>,
+    /// One array per row, cells in column order.
+    pub rows: Vec<Vec<serde_json::Value>>,
+    pub row_count: u64,
+    /// Whether more rows existed than were returned (the `limit` or the server maximum).
+    pub truncated: bool,
+}

@@ -1,0 +1,140 @@
+//! The API's errors as `application/problem+json` (RFC 9457) with a stable machine-readable code.
+//!
+//! Every error a client can see is an [`ApiError`]; [`ApiError::status_and_code`] is the one place
+//! that decides its HTTP status and `code`.
+
+use axum::response::{IntoResponse, Response};
+use ferrocorn_query_core::{QueryError, SqlCheckError};
+use http::{HeaderValue, StatusCode, header};
+use serde::Serialize;
+
+/// An error answered to a client.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    #[error("no such endpoint")]
+    NotFound,
+    #[error("method not allowed on this endpoint")]
+    MethodNotAllowed,
+    #[error("request line longer than {limit} bytes")]
+    RequestLineTooLong { limit: usize },
+    #[error("header field {name} longer than {limit} bytes")]
+    HeaderFieldTooLarge { name: String, limit: usize },
+    #[error("DuckDB is not ready: {0}")]
+    NotReady(String),
+    #[error("{detail}")]
+    BadRequest { code: &'static str, detail: String },
+    #[error("the request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("the request body must be application/json")]
+    UnsupportedMediaType,
+    #[error("none of the result formats (json, ndjson, csv, arrow, parquet) is acceptable")]
+    NotAcceptable,
+    #[error("the worker is at its query capacity; retry shortly")]
+    Overloaded,
+    #[error("the query ran past its deadline and was interrupted")]
+    QueryTimeout,
+    #[error("no dataset named {0:?}")]
+    UnknownDataset(String),
+    #[error(transparent)]
+    Query(#[from] QueryError),
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    /// The HTTP status and the stable `code` of each error.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Self::RequestLineTooLong { .. } => (StatusCode::URI_TOO_LONG, "request_line_too_long"),
+            Self::HeaderFieldTooLarge { .. } => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "header_too_large",
+            ),
+            Self::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+            Self::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
+            Self::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::UnsupportedMediaType => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            Self::NotAcceptable => (StatusCode::NOT_ACCEPTABLE, "not_acceptable"),
+            Self::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            Self::QueryTimeout => (StatusCode::GATEWAY_TIMEOUT, "query_timeout"),
+            Self::UnknownDataset(_) => (StatusCode::NOT_FOUND, "unknown_dataset"),
+            Self::Query(error) => match error {
+                QueryError::Check(check) if check.is_forbidden() => {
+                    (StatusCode::FORBIDDEN, "statement_not_allowed")
+                }
+                QueryError::Check(SqlCheckError::MultipleStatements(_)) => {
+                    (StatusCode::BAD_REQUEST, "multiple_statements")
+                }
+                QueryError::Check(_) | QueryError::Syntax(_) => {
+                    (StatusCode::BAD_REQUEST, "sql_syntax")
+                }
+                QueryError::Param(_) => (StatusCode::BAD_REQUEST, "invalid_parameter"),
+                QueryError::Binder(_) => (StatusCode::BAD_REQUEST, "sql_binder"),
+                QueryError::Permission(_) => (StatusCode::FORBIDDEN, "access_denied"),
+                QueryError::OutOfMemory(_) => (StatusCode::SERVICE_UNAVAILABLE, "out_of_memory"),
+                QueryError::Interrupted => (StatusCode::SERVICE_UNAVAILABLE, "query_cancelled"),
+                QueryError::Execution(_) => (StatusCode::BAD_REQUEST, "sql_error"),
+                _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            },
+            Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+
+    /// Seconds a client should wait before retrying, for errors that are about load.
+    pub fn retry_after(&self) -> Option<u32> {
+        match self {
+            Self::Overloaded | Self::Query(QueryError::OutOfMemory(_)) => Some(1),
+            _ => None,
+        }
+    }
+}
+
+/// An error (RFC 9457 problem document).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Problem {
+    /// Always `about:blank`: `code` identifies the problem.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The HTTP status text.
+    pub title: &'static str,
+    pub status: u16,
+    /// Stable, machine-readable: `sql_syntax`, `sql_binder`, `statement_not_allowed`,
+    /// `multiple_statements`, `invalid_parameter`, `query_timeout`, `overloaded`, …
+    pub code: &'static str,
+    /// What went wrong, for people (DuckDB's own message for SQL errors).
+    pub detail: String,
+    /// The request's `X-Request-Id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let problem = Problem {
+            kind: "about:blank",
+            title: status.canonical_reason().unwrap_or("Error"),
+            status: status.as_u16(),
+            code,
+            detail: self.to_string(),
+            request_id: crate::http::current_request_id(),
+        };
+        let body = serde_json::to_vec(&problem).unwrap_or_default();
+        let mut response = (status, body).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(seconds) = self.retry_after() {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}

@@ -1,0 +1,691 @@
+//! `POST /v1/query` and `GET /v1/query`: one read-only statement, streamed in the chosen format.
+//!
+//! The request is parsed and the format negotiated on the event loop; the query then waits for a
+//! slot of the worker's admission control (at most `max_concurrent_queries` at once, a short
+//! bounded queue, then 503 `overloaded`), runs on the blocking pool, and hands encoded chunks
+//! back through a small channel: a slow client slows the query down instead of growing memory.
+//!
+//! A query ends early when its deadline passes (DuckDB is interrupted: 504 `query_timeout`) or
+//! when the client goes away (the response future or body is dropped: DuckDB is interrupted).
+//! Errors before the first byte are problem documents; an error after it can never pass for a
+//! complete result: NDJSON ends with an `{"error": …}` line, other formats abort the body.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use ferrocorn_query_core::arrow::datatypes::SchemaRef;
+use ferrocorn_query_core::arrow::record_batch::RecordBatch;
+use ferrocorn_query_core::{
+    Encoder, Flow, Format, InterruptHandle, Outcome, Params, QueryError, QuerySpec, ResultSink,
+    Summary,
+};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use serde::Deserialize;
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::http::AppState;
+use crate::openapi::JsonResult;
+use crate::problem::{ApiError, Problem};
+
+/// The worker's query limits, resolved by the supervisor.
+#[derive(Clone, Debug)]
+pub struct QuerySettings {
+    /// Rows a result may have; more is cut and flagged `truncated`.
+    pub max_result_rows: u64,
+    /// Largest request body in bytes; larger is 413.
+    pub max_body_bytes: usize,
+    /// Longest a query may run; `timeout_ms` can only ask for less. Also the default.
+    pub max_query_time: Duration,
+    /// Queries run at once by one worker.
+    pub max_concurrent_queries: usize,
+    /// Queries that may wait for a slot; more are answered 503 at once.
+    pub queue_depth: usize,
+    /// Longest wait for a slot before 503.
+    pub queue_timeout: Duration,
+}
+
+/// Admission control: a semaphore for running queries and a bound on the waiters.
+#[derive(Debug)]
+pub struct Admission {
+    running: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    depth: usize,
+    timeout: Duration,
+}
+
+impl Admission {
+    pub fn new(settings: &QuerySettings) -> Self {
+        Self {
+            running: Arc::new(Semaphore::new(settings.max_concurrent_queries.max(1))),
+            waiting: AtomicUsize::new(0),
+            depth: settings.queue_depth,
+            timeout: settings.queue_timeout,
+        }
+    }
+
+    async fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        if let Ok(permit) = self.running.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.depth {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(ApiError::Overloaded);
+        }
+        let result = tokio::time::timeout(self.timeout, self.running.clone().acquire_owned()).await;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        match result {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(ApiError::Overloaded),
+        }
+    }
+}
+
+/// The JSON body of `POST /v1/query`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QueryBody {
+    /// One read-only SQL statement.
+    pub sql: String,
+    /// Positional (array, for `$1` or `?`) or named (object, for `$name`) parameters: JSON
+    /// scalars, or `{"type": "date", "value": "2024-01-31"}` for typed values.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub params: Option<serde_json::Value>,
+    /// json, ndjson, csv, arrow or parquet; overrides `Accept`.
+    #[serde(default)]
+    pub format: Option<String>,
+    /// Rows at most (below the server's maximum).
+    #[serde(default)]
+    pub limit: Option<u64>,
+    /// Deadline in milliseconds (below the server's maximum).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// Run one read-only statement (JSON body).
+#[utoipa::path(
+    post,
+    path = "/v1/query",
+    tag = "query",
+    request_body(content = QueryBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The result, in the format chosen by `format` or `Accept`. \
+            X-Result-Truncated and X-Result-Rows are set when the result fits in the first MiB; \
+            Server-Timing gives queue, execution and encoding times.",
+            content(
+                (JsonResult = "application/json"),
+                (String = "application/x-ndjson"),
+                (String = "text/csv"),
+                (Vec<u8> = "application/vnd.apache.arrow.stream"),
+                (Vec<u8> = "application/vnd.apache.parquet"),
+            )),
+        (status = 400, description = "Bad body, SQL error (`sql_syntax`, `sql_binder`, `sql_error`), several statements, bad parameters", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not a read-only query (`statement_not_allowed`) or outside the sandbox (`access_denied`)", body = Problem, content_type = "application/problem+json"),
+        (status = 406, description = "No acceptable format", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`overloaded` (with Retry-After) or `out_of_memory`", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "`query_timeout`: the deadline passed and DuckDB was interrupted", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn post_query(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
+        let json = content_type
+            .to_str()
+            .ok()
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|m| {
+                let m = m.trim().to_ascii_lowercase();
+                m == "application/json" || m.ends_with("+json")
+            });
+        if !json {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+    }
+    let limit = state.query.max_body_bytes;
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge { limit })?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| ApiError::BadRequest {
+        code: "invalid_body",
+        detail: "the body is not UTF-8".into(),
+    })?;
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| ApiError::BadRequest {
+            code: "invalid_body",
+            detail: format!("the body is not JSON: {e}"),
+        })?;
+    if !value.is_object() {
+        return Err(ApiError::BadRequest {
+            code: "invalid_body",
+            detail: "the body must be a JSON object".into(),
+        });
+    }
+    let body: QueryBody = serde_json::from_value(value).map_err(|e| ApiError::BadRequest {
+        code: "invalid_body",
+        detail: e.to_string(),
+    })?;
+    run_query(state, &headers, body).await
+}
+
+/// Run one read-only statement (query string).
+#[utoipa::path(
+    get,
+    path = "/v1/query",
+    tag = "query",
+    params(
+        ("sql" = String, Query, description = "One read-only statement"),
+        ("params" = Option<String>, Query, description = "Parameters as JSON (array or object)"),
+        ("format" = Option<String>, Query, description = "json, ndjson, csv, arrow or parquet"),
+        ("limit" = Option<u64>, Query, description = "Rows at most"),
+        ("timeout_ms" = Option<u64>, Query, description = "Deadline in milliseconds"),
+    ),
+    responses(
+        (status = 200, description = "The result, as for POST",
+            content(
+                (JsonResult = "application/json"),
+                (String = "application/x-ndjson"),
+                (String = "text/csv"),
+                (Vec<u8> = "application/vnd.apache.arrow.stream"),
+                (Vec<u8> = "application/vnd.apache.parquet"),
+            )),
+        (status = 400, description = "Bad query string or SQL error", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not a read-only query", body = Problem, content_type = "application/problem+json"),
+        (status = 406, description = "No acceptable format", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Overloaded", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "Query timeout", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_query(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let mut query = query;
+    let bad = |detail: String| ApiError::BadRequest {
+        code: "invalid_query_string",
+        detail,
+    };
+    let sql = query
+        .remove("sql")
+        .ok_or_else(|| bad("the sql parameter is required".into()))?;
+    let params = match query.remove("params") {
+        Some(text) => {
+            Some(serde_json::from_str(&text).map_err(|e| bad(format!("params is not JSON: {e}")))?)
+        }
+        None => None,
+    };
+    let number =
+        |query: &mut HashMap<String, String>, key: &str| -> Result<Option<u64>, ApiError> {
+            query
+                .remove(key)
+                .map(|v| {
+                    v.parse::<u64>()
+                        .map_err(|_| bad(format!("{key} must be a non-negative integer")))
+                })
+                .transpose()
+        };
+    let limit = number(&mut query, "limit")?;
+    let timeout_ms = number(&mut query, "timeout_ms")?;
+    let format = query.remove("format");
+    if let Some(unknown) = query.keys().next() {
+        return Err(bad(format!(
+            "unknown parameter {unknown:?}; expected sql, params, format, limit, timeout_ms"
+        )));
+    }
+    run_query(
+        state,
+        &headers,
+        QueryBody {
+            sql,
+            params,
+            format,
+            limit,
+            timeout_ms,
+        },
+    )
+    .await
+}
+
+/// Pick the format: `format` if given, else the best match of `Accept` (q-values honoured).
+pub fn negotiate(format: Option<&str>, accept: Option<&str>) -> Result<Format, ApiError> {
+    if let Some(name) = format {
+        return Format::from_name(name).ok_or_else(|| ApiError::BadRequest {
+            code: "unsupported_format",
+            detail: format!("unknown format {name:?}; one of json, ndjson, csv, arrow, parquet"),
+        });
+    }
+    let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else {
+        return Ok(Format::Json);
+    };
+    let mut best: Option<(Format, f32, usize)> = None;
+    for (rank, format) in Format::ALL.into_iter().enumerate() {
+        let mut q_for_format: Option<(f32, u8)> = None;
+        for range in accept.split(',') {
+            let mut parts = range.split(';');
+            let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.trim().strip_prefix("q="))
+                .find_map(|q| q.trim().parse::<f32>().ok())
+                .unwrap_or(1.0)
+                .clamp(0.0, 1.0);
+            // Specificity: an exact type beats type/*, which beats */*.
+            let specificity = if format.accepted_media_types().contains(&media.as_str()) {
+                3
+            } else if media.ends_with("/*")
+                && format
+                    .accepted_media_types()
+                    .iter()
+                    .any(|t| t.starts_with(&media[..media.len() - 1]))
+            {
+                2
+            } else if media == "*/*" {
+                1
+            } else {
+                continue;
+            };
+            if q_for_format.is_none_or(|(_, s)| specificity > s) {
+                q_for_format = Some((q, specificity));
+            }
+        }
+        if let Some((q, _)) = q_for_format
+            && q > 0.0
+            && best.is_none_or(|(_, bq, brank)| q > bq || (q == bq && rank < brank))
+        {
+            best = Some((format, q, rank));
+        }
+    }
+    best.map(|(f, _, _)| f).ok_or(ApiError::NotAcceptable)
+}
+
+/// Chunks from the query thread to the response.
+enum Chunk {
+    Data(Vec<u8>),
+    End { summary: Summary, encode: Duration },
+    Failed(QueryError),
+}
+
+/// Cancels the query when dropped before it finished (client gone) and on deadline.
+#[derive(Default)]
+struct Cancel {
+    handle: Mutex<Option<Arc<InterruptHandle>>>,
+    fired: AtomicBool,
+    timed_out: AtomicBool,
+    done: AtomicBool,
+}
+
+impl std::fmt::Debug for Cancel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cancel")
+            .field("fired", &self.fired)
+            .field("timed_out", &self.timed_out)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cancel {
+    fn fire(&self) {
+        self.fired.store(true, Ordering::Release);
+        if let Some(handle) = self
+            .handle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            handle.interrupt();
+        }
+    }
+}
+
+/// Interrupts the query if the response (future or body) is dropped before the end.
+struct CancelOnDrop(Arc<Cancel>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if !self.0.done.load(Ordering::Acquire) {
+            self.0.fire();
+        }
+    }
+}
+
+struct ChannelSink {
+    format: Format,
+    encoder: Option<Encoder>,
+    tx: mpsc::Sender<Chunk>,
+    cancel: Arc<Cancel>,
+    encode: Duration,
+}
+
+impl ChannelSink {
+    fn send(&self, chunk: Chunk) -> Flow {
+        match self.tx.blocking_send(chunk) {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Stop,
+        }
+    }
+}
+
+impl ResultSink for ChannelSink {
+    fn started(&mut self, interrupt: Arc<InterruptHandle>) {
+        let mut slot = self.cancel.handle.lock().unwrap_or_else(|e| e.into_inner());
+        if self.cancel.fired.load(Ordering::Acquire) {
+            interrupt.interrupt();
+        }
+        *slot = Some(interrupt);
+    }
+
+    fn schema(&mut self, schema: SchemaRef) -> Flow {
+        let started = Instant::now();
+        match Encoder::new(self.format, schema) {
+            Ok((encoder, head)) => {
+                self.encoder = Some(encoder);
+                self.encode += started.elapsed();
+                self.send(Chunk::Data(head))
+            }
+            Err(e) => {
+                let _ = self.send(Chunk::Failed(QueryError::Internal(e.to_string())));
+                Flow::Stop
+            }
+        }
+    }
+
+    fn batch(&mut self, batch: RecordBatch) -> Flow {
+        let Some(encoder) = self.encoder.as_mut() else {
+            return Flow::Stop;
+        };
+        let started = Instant::now();
+        match encoder.batch(&batch) {
+            Ok(bytes) => {
+                self.encode += started.elapsed();
+                if bytes.is_empty() {
+                    Flow::Continue
+                } else {
+                    self.send(Chunk::Data(bytes))
+                }
+            }
+            Err(e) => {
+                let _ = self.send(Chunk::Failed(QueryError::Internal(e.to_string())));
+                Flow::Stop
+            }
+        }
+    }
+}
+
+/// Bytes buffered before the response headers go out: a result that fits is sent with its
+/// length and an exact `X-Result-Truncated` header.
+const BUFFER_BEFORE_HEADERS: usize = 1 << 20;
+
+async fn run_query(
+    state: Arc<AppState>,
+    headers: &HeaderMap,
+    body: QueryBody,
+) -> Result<Response, ApiError> {
+    let received = Instant::now();
+    let format = negotiate(
+        body.format.as_deref(),
+        headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()),
+    )?;
+    let params = Params::from_json(body.params.as_ref()).map_err(|e| ApiError::Query(e.into()))?;
+    let settings = &state.query;
+    let max_rows = body.limit.map_or(settings.max_result_rows, |l| {
+        l.min(settings.max_result_rows)
+    });
+    let deadline = body.timeout_ms.map_or(settings.max_query_time, |ms| {
+        Duration::from_millis(ms).min(settings.max_query_time)
+    });
+
+    let _permit = state.admission.admit().await?;
+    let queued = received.elapsed();
+
+    let cancel = Arc::new(Cancel::default());
+    let guard = CancelOnDrop(cancel.clone());
+    let timer = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(deadline).await;
+            cancel.timed_out.store(true, Ordering::Release);
+            cancel.fire();
+        })
+    };
+    let (tx, mut rx) = mpsc::channel::<Chunk>(4);
+    let engine = state.engine.clone();
+    let sql = body.sql;
+    let exec_started = Instant::now();
+    {
+        let cancel = cancel.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut sink = ChannelSink {
+                format,
+                encoder: None,
+                tx,
+                cancel,
+                encode: Duration::ZERO,
+            };
+            let spec = QuerySpec {
+                sql: &sql,
+                params: &params,
+                max_rows,
+            };
+            engine.refresh_if_due(crate::http::RESCAN_INTERVAL);
+            let result = engine.run(&spec, &mut sink);
+            let chunk = match result {
+                Ok(Outcome { stopped: true, .. }) => return,
+                Ok(outcome) => match sink.encoder.take() {
+                    Some(encoder) => {
+                        let started = Instant::now();
+                        let summary = Summary {
+                            rows: outcome.rows,
+                            truncated: outcome.truncated,
+                        };
+                        match encoder.finish(summary) {
+                            Ok(tail) => {
+                                sink.encode += started.elapsed();
+                                if !tail.is_empty() && sink.send(Chunk::Data(tail)) == Flow::Stop {
+                                    return;
+                                }
+                                Chunk::End {
+                                    summary,
+                                    encode: sink.encode,
+                                }
+                            }
+                            Err(e) => Chunk::Failed(QueryError::Internal(e.to_string())),
+                        }
+                    }
+                    None => Chunk::Failed(QueryError::Internal("no result schema".into())),
+                },
+                Err(e) => Chunk::Failed(e),
+            };
+            let _ = sink.send(chunk);
+        });
+    }
+
+    // Buffer the start of the result: errors before the first byte become problem documents,
+    // and a small result goes out whole, with its length and truncation flag in the headers.
+    let mut buffered: Vec<u8> = Vec::new();
+    let mut end = None;
+    while buffered.len() < BUFFER_BEFORE_HEADERS {
+        match rx.recv().await {
+            Some(Chunk::Data(bytes)) => buffered.extend_from_slice(&bytes),
+            Some(Chunk::End { summary, encode }) => {
+                end = Some((summary, encode));
+                break;
+            }
+            Some(Chunk::Failed(e)) => {
+                timer.abort();
+                cancel.done.store(true, Ordering::Release);
+                return Err(query_failure(e, &cancel));
+            }
+            None => {
+                timer.abort();
+                cancel.done.store(true, Ordering::Release);
+                return Err(query_failure(QueryError::Interrupted, &cancel));
+            }
+        }
+    }
+
+    let mut response_headers = HeaderMap::new();
+    response_headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.media_type()),
+    );
+    if format == Format::Parquet {
+        response_headers.insert(
+            header::CONTENT_DISPOSITION,
+            HeaderValue::from_static("attachment; filename=\"result.parquet\""),
+        );
+    }
+    if let Some((summary, encode)) = end {
+        timer.abort();
+        cancel.done.store(true, Ordering::Release);
+        drop(guard);
+        let exec = exec_started.elapsed().saturating_sub(encode);
+        insert_result_headers(&mut response_headers, summary, queued, exec, encode);
+        return Ok((StatusCode::OK, response_headers, buffered).into_response());
+    }
+
+    // Stream the rest. The guard and the admission permit travel with the body.
+    let permit = _permit;
+    let timing = format!("queue;dur={:.1}", queued.as_secs_f64() * 1000.0);
+    if let Ok(value) = HeaderValue::from_str(&timing) {
+        response_headers.insert("server-timing", value);
+    }
+    let state_for_body = (guard, permit, timer, cancel, format);
+    let first = Some(Bytes::from(buffered));
+    let stream = futures_util::stream::unfold(
+        (rx, first, Some(state_for_body)),
+        |(mut rx, mut first, mut held)| async move {
+            if let Some(bytes) = first.take() {
+                return Some((Ok::<_, std::io::Error>(bytes), (rx, None, held)));
+            }
+            let (_, _, _, cancel, format) = held.as_ref()?;
+            let format = *format;
+            match rx.recv().await {
+                Some(Chunk::Data(bytes)) => Some((Ok(Bytes::from(bytes)), (rx, None, held))),
+                Some(Chunk::End { .. }) => {
+                    if let Some((_guard, _permit, timer, cancel, _)) = held.take() {
+                        timer.abort();
+                        cancel.done.store(true, Ordering::Release);
+                    }
+                    None
+                }
+                Some(Chunk::Failed(e)) => {
+                    let problem = query_failure(e, cancel);
+                    tracing::warn!(error = %problem, "query failed after the response started");
+                    let item = if format == Format::Ndjson {
+                        let line = ndjson_error_line(&problem);
+                        Ok(Bytes::from(line))
+                    } else {
+                        Err(std::io::Error::other(problem.to_string()))
+                    };
+                    if let Some((_guard, _permit, timer, cancel, _)) = held.take() {
+                        timer.abort();
+                        cancel.done.store(true, Ordering::Release);
+                    }
+                    Some((item, (rx, None, None)))
+                }
+                None => {
+                    held.take();
+                    Some((
+                        Err(std::io::Error::other("query ended early")),
+                        (rx, None, None),
+                    ))
+                }
+            }
+        },
+    );
+    Ok((StatusCode::OK, response_headers, Body::from_stream(stream)).into_response())
+}
+
+fn insert_result_headers(
+    headers: &mut HeaderMap,
+    summary: Summary,
+    queued: Duration,
+    exec: Duration,
+    encode: Duration,
+) {
+    headers.insert(
+        "x-result-truncated",
+        HeaderValue::from_static(if summary.truncated { "true" } else { "false" }),
+    );
+    if let Ok(rows) = HeaderValue::from_str(&summary.rows.to_string()) {
+        headers.insert("x-result-rows", rows);
+    }
+    let timing = format!(
+        "queue;dur={:.1}, exec;dur={:.1}, encode;dur={:.1}",
+        queued.as_secs_f64() * 1000.0,
+        exec.as_secs_f64() * 1000.0,
+        encode.as_secs_f64() * 1000.0
+    );
+    if let Ok(value) = HeaderValue::from_str(&timing) {
+        headers.insert("server-timing", value);
+    }
+}
+
+fn query_failure(error: QueryError, cancel: &Cancel) -> ApiError {
+    if matches!(error, QueryError::Interrupted) && cancel.timed_out.load(Ordering::Acquire) {
+        return ApiError::QueryTimeout;
+    }
+    ApiError::Query(error)
+}
+
+fn ndjson_error_line(error: &ApiError) -> Vec<u8> {
+    let (status, code) = error.status_and_code();
+    let mut line = serde_json::to_vec(&serde_json::json!({
+        "error": {
+            "status": status.as_u16(),
+            "code": code,
+            "detail": error.to_string(),
+            "request_id": crate::http::current_request_id(),
+        }
+    }))
+    .unwrap_or_default();
+    line.push(b'\n');
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiation_honours_format_then_accept_with_q_values() {
+        assert_eq!(negotiate(None, None).ok(), Some(Format::Json));
+        assert_eq!(
+            negotiate(Some("csv"), Some("application/json")).ok(),
+            Some(Format::Csv)
+        );
+        assert!(negotiate(Some("xml"), None).is_err());
+        assert_eq!(negotiate(None, Some("text/csv")).ok(), Some(Format::Csv));
+        assert_eq!(
+            negotiate(
+                None,
+                Some("application/json;q=0.5, application/vnd.apache.arrow.stream")
+            )
+            .ok(),
+            Some(Format::Arrow)
+        );
+        assert_eq!(negotiate(None, Some("*/*")).ok(), Some(Format::Json));
+        assert_eq!(
+            negotiate(None, Some("text/*;q=0.9, application/json;q=0.1")).ok(),
+            Some(Format::Csv)
+        );
+        assert!(matches!(
+            negotiate(None, Some("image/png")),
+            Err(ApiError::NotAcceptable)
+        ));
+        assert!(matches!(
+            negotiate(None, Some("application/json;q=0")),
+            Err(ApiError::NotAcceptable)
+        ));
+    }
+}

@@ -1,0 +1,268 @@
+//! The scoreboard: the per-worker records the master and its workers share.
+//!
+//! The master maps one anonymous shared region before it forks anything; every worker inherits it.
+//! The region holds a fixed array of [`WorkerRecord`]s made only of atomics, so both sides can read
+//! and write it without locks and without `unsafe` outside the supervisor's `sys` module (which
+//! creates the mapping). A record belongs to one worker process from its fork to its reaping; the
+//! master hands out free records and clears them.
+//!
+//! What flows through it:
+//! - worker → master: lifecycle state ([`RecordState`]), heartbeat, request count, the request
+//!   being served, a retirement request when the request budget is spent, a boot error message;
+//! - master → worker: nothing but the record's reset at fork time (commands travel as signals).
+
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+
+/// How many worker records the region holds: two per slot (a worker and its successor) for the
+/// largest pool the configuration accepts.
+pub const MAX_RECORDS: usize = 2 * MAX_WORKERS;
+
+/// The largest pool size the configuration accepts.
+pub const MAX_WORKERS: usize = 128;
+
+/// The lifecycle state a worker publishes in its record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum RecordState {
+    /// Unused record.
+    Free = 0,
+    /// Forked; building its runtime, opening DuckDB, registering datasets.
+    Booting = 1,
+    /// DuckDB answers, the sandbox is locked and the listeners accept.
+    Ready = 2,
+    /// Told to stop: no longer accepting, finishing what it has.
+    Draining = 3,
+    /// Boot failed; the reason is in the record's message.
+    BootFailed = 4,
+}
+
+impl RecordState {
+    fn from_u32(value: u32) -> Self {
+        match value {
+            1 => Self::Booting,
+            2 => Self::Ready,
+            3 => Self::Draining,
+            4 => Self::BootFailed,
+            _ => Self::Free,
+        }
+    }
+}
+
+/// Fixed-size text written and read through atomics; a torn read is possible and harmless because
+/// the text is only diagnostic (the request a hung worker was serving, a boot error).
+#[derive(Debug)]
+#[repr(C)]
+pub struct AtomicText<const WORDS: usize> {
+    len: AtomicU32,
+    words: [AtomicU64; WORDS],
+}
+
+impl<const WORDS: usize> AtomicText<WORDS> {
+    /// Store `text`, cut to the capacity on a character boundary.
+    pub fn store(&self, text: &str) {
+        let capacity = WORDS * 8;
+        let mut end = text.len().min(capacity);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let bytes = &text.as_bytes()[..end];
+        for (word, chunk) in self.words.iter().zip(bytes.chunks(8)) {
+            let mut buf = [0u8; 8];
+            buf[..chunk.len()].copy_from_slice(chunk);
+            word.store(u64::from_le_bytes(buf), Ordering::Relaxed);
+        }
+        // `end` is at most WORDS * 8, far below u32::MAX.
+        self.len.store(end as u32, Ordering::Release);
+    }
+
+    /// Read the text back (lossy if a concurrent store tore it).
+    pub fn load(&self) -> String {
+        let len = (self.len.load(Ordering::Acquire) as usize).min(WORDS * 8);
+        let mut bytes = Vec::with_capacity(len);
+        for word in &self.words {
+            bytes.extend_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+            if bytes.len() >= len {
+                break;
+            }
+        }
+        bytes.truncate(len);
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    fn clear(&self) {
+        self.len.store(0, Ordering::Release);
+    }
+}
+
+/// One worker's shared record.
+#[derive(Debug)]
+#[repr(C)]
+pub struct WorkerRecord {
+    pid: AtomicI32,
+    state: AtomicU32,
+    retire_requested: AtomicU32,
+    in_flight: AtomicU32,
+    heartbeat_ms: AtomicU64,
+    requests: AtomicU64,
+    current_request: AtomicText<16>,
+    message: AtomicText<32>,
+}
+
+impl WorkerRecord {
+    /// Prepare the record for a freshly forked worker (called by the master before the fork).
+    pub fn reset(&self, now_ms: u64) {
+        self.pid.store(0, Ordering::Relaxed);
+        self.retire_requested.store(0, Ordering::Relaxed);
+        self.in_flight.store(0, Ordering::Relaxed);
+        self.requests.store(0, Ordering::Relaxed);
+        self.current_request.clear();
+        self.message.clear();
+        self.heartbeat_ms.store(now_ms, Ordering::Relaxed);
+        self.state
+            .store(RecordState::Booting as u32, Ordering::Release);
+    }
+
+    /// Mark the record unused (master, after reaping its worker).
+    pub fn free(&self) {
+        self.state
+            .store(RecordState::Free as u32, Ordering::Release);
+    }
+
+    pub fn state(&self) -> RecordState {
+        RecordState::from_u32(self.state.load(Ordering::Acquire))
+    }
+
+    pub fn set_state(&self, state: RecordState) {
+        self.state.store(state as u32, Ordering::Release);
+    }
+
+    pub fn set_pid(&self, pid: i32) {
+        self.pid.store(pid, Ordering::Relaxed);
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid.load(Ordering::Relaxed)
+    }
+
+    /// Record that the worker's event loop is alive at `now_ms` (monotonic milliseconds).
+    pub fn beat(&self, now_ms: u64) {
+        self.heartbeat_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    pub fn last_heartbeat_ms(&self) -> u64 {
+        self.heartbeat_ms.load(Ordering::Relaxed)
+    }
+
+    /// Count a request that starts; returns how many this worker has now started.
+    pub fn request_started(&self, line: &str) -> u64 {
+        self.current_request.store(line);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub fn request_finished(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The request line the worker started last.
+    pub fn current_request(&self) -> String {
+        self.current_request.load()
+    }
+
+    /// Ask the master for a successor (the request budget is spent). Returns true the first time.
+    pub fn request_retirement(&self) -> bool {
+        self.retire_requested.swap(1, Ordering::AcqRel) == 0
+    }
+
+    pub fn retirement_requested(&self) -> bool {
+        self.retire_requested.load(Ordering::Acquire) != 0
+    }
+
+    pub fn set_message(&self, message: &str) {
+        self.message.store(message);
+    }
+
+    pub fn message(&self) -> String {
+        self.message.load()
+    }
+}
+
+/// The whole shared region.
+#[derive(Debug)]
+#[repr(C)]
+pub struct Scoreboard {
+    records: [WorkerRecord; MAX_RECORDS],
+}
+
+impl Scoreboard {
+    pub fn record(&self, index: usize) -> Option<&WorkerRecord> {
+        self.records.get(index)
+    }
+
+    pub fn records(&self) -> &[WorkerRecord] {
+        &self.records
+    }
+}
+
+/// Milliseconds on the system-wide monotonic clock, comparable between processes.
+pub fn monotonic_ms() -> u64 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(ts) => (ts.tv_sec() as u64) * 1000 + (ts.tv_nsec() as u64) / 1_000_000,
+        // CLOCK_MONOTONIC cannot fail on Linux; a zero would only make heartbeats look stale.
+        Err(_) => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_round_trips_and_truncates_on_char_boundary() {
+        let text: AtomicText<2> = AtomicText {
+            len: AtomicU32::new(0),
+            words: Default::default(),
+        };
+        text.store("GET /x");
+        assert_eq!(text.load(), "GET /x");
+        text.store("ééééééééé"); // 18 bytes, capacity 16
+        assert_eq!(text.load(), "éééééééé");
+    }
+
+    #[test]
+    fn retirement_is_requested_once() {
+        let record: WorkerRecord = WorkerRecord {
+            pid: AtomicI32::new(0),
+            state: AtomicU32::new(0),
+            retire_requested: AtomicU32::new(0),
+            in_flight: AtomicU32::new(0),
+            heartbeat_ms: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            current_request: AtomicText {
+                len: AtomicU32::new(0),
+                words: Default::default(),
+            },
+            message: AtomicText {
+                len: AtomicU32::new(0),
+                words: Default::default(),
+            },
+        };
+        record.reset(5);
+        assert_eq!(record.state(), RecordState::Booting);
+        assert!(record.request_retirement());
+        assert!(!record.request_retirement());
+        assert_eq!(record.request_started("GET /a"), 1);
+        assert_eq!(record.in_flight(), 1);
+        record.request_finished();
+        assert_eq!(record.in_flight(), 0);
+        assert_eq!(record.current_request(), "GET /a");
+    }
+}

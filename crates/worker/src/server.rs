@@ -1,0 +1,412 @@
+//! The worker's lifecycle and its accept loop.
+//!
+//! A worker goes through [`WorkerPhase`]s in order: it boots (runtime, heartbeat, DuckDB), becomes
+//! ready (publishes it and starts accepting), drains when told (SIGTERM), and exits. Each
+//! transition is logged with the slot and pid and published in the scoreboard.
+//!
+//! Connections: each listener has an accept task; a semaphore of `worker_connections` permits caps
+//! the connections served at once (the rest wait in the kernel's queue). Per-connection errors are
+//! skipped; running out of file descriptors backs off instead of spinning. Draining stops the
+//! accept tasks after they have taken what the kernel already queued (so a slot being removed does
+//! not reset it), marks every further response `Connection: close`, and waits for the connections
+//! to finish: in-flight requests complete, idle keep-alive connections close at their keep-alive
+//! deadline, and `graceful_timeout` bounds the whole.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ferrocorn_query_core::Engine;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{Notify, Semaphore, watch};
+
+use crate::http::{AppState, router};
+use crate::scoreboard::{RecordState, WorkerRecord, monotonic_ms};
+use crate::settings::{Listener, WorkerArgs, WorkerSettings};
+use ferrocorn_query_core::error::chain as error_chain;
+
+/// Exit code of a worker that could not boot (Gunicorn's `WORKER_BOOT_ERROR`).
+pub const EXIT_BOOT_FAILED: i32 = 3;
+
+/// The phases of a worker's life, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkerPhase {
+    Booting,
+    Ready,
+    Draining,
+    Exited,
+}
+
+struct Phase<'a> {
+    slot: usize,
+    pid: u32,
+    record: &'a WorkerRecord,
+}
+
+impl Phase<'_> {
+    fn enter(&self, phase: WorkerPhase) {
+        tracing::info!(slot = self.slot, pid = self.pid, phase = ?phase, "worker phase");
+        let state = match phase {
+            WorkerPhase::Booting => RecordState::Booting,
+            WorkerPhase::Ready => RecordState::Ready,
+            WorkerPhase::Draining | WorkerPhase::Exited => RecordState::Draining,
+        };
+        self.record.set_state(state);
+    }
+}
+
+/// Run a worker to completion; returns its exit code. Called in the child right after the fork.
+pub fn run(args: WorkerArgs) -> i32 {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("ferrocorn-worker")
+        // Enough for DuckDB calls (each holds a blocking thread for its duration) without
+        // unbounded growth.
+        .max_blocking_threads(64)
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            args.record
+                .set_message(&format!("cannot build the tokio runtime: {e}"));
+            args.record.set_state(RecordState::BootFailed);
+            return EXIT_BOOT_FAILED;
+        }
+    };
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: WorkerArgs) -> i32 {
+    let WorkerArgs {
+        slot,
+        listeners,
+        record,
+        notify,
+        settings,
+        engine: engine_settings,
+        reopen_logs,
+    } = args;
+    let pid = std::process::id();
+    record.set_pid(pid as i32);
+    let phase = Phase { slot, pid, record };
+    phase.enter(WorkerPhase::Booting);
+    let notify = Arc::new(std::fs::File::from(notify));
+    let wake_master = {
+        let notify = notify.clone();
+        move || {
+            // A full pipe already means "look at the scoreboard"; nothing is lost.
+            let _ = (&*notify).write(&[1]);
+        }
+    };
+
+    // Signals first, so that a TERM during boot drains instead of killing mid-write.
+    let (Ok(mut term), Ok(mut quit), Ok(mut int), Ok(mut usr1)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::quit()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::user_defined1()),
+    ) else {
+        return boot_failed(record, "cannot install signal handlers", &wake_master);
+    };
+
+    let heartbeat = tokio::spawn(heartbeat(record, settings.heartbeat_interval));
+
+    let engine = match tokio::task::spawn_blocking(move || Engine::open(&engine_settings)).await {
+        Ok(Ok(engine)) => Arc::new(engine),
+        Ok(Err(e)) => return boot_failed(record, &error_chain(&e), &wake_master),
+        Err(e) => return boot_failed(record, &format!("DuckDB open panicked: {e}"), &wake_master),
+    };
+    let mut tokio_listeners = Vec::with_capacity(listeners.len());
+    for listener in listeners {
+        match into_tokio(listener) {
+            Ok(l) => tokio_listeners.push(l),
+            Err(e) => {
+                return boot_failed(
+                    record,
+                    &format!("cannot use inherited listener: {e}"),
+                    &wake_master,
+                );
+            }
+        }
+    }
+
+    let state = Arc::new(AppState::new(
+        slot,
+        engine.clone(),
+        record,
+        settings.clone(),
+        Box::new(wake_master.clone()),
+    ));
+    let connections = Arc::new(Connections::default());
+    let cap = Arc::new(Semaphore::new(settings.worker_connections.max(1)));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let app = router(state.clone());
+    let mut accept_tasks = Vec::new();
+    for listener in tokio_listeners {
+        accept_tasks.push(tokio::spawn(accept_loop(
+            listener,
+            app.clone(),
+            state.clone(),
+            cap.clone(),
+            connections.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    phase.enter(WorkerPhase::Ready);
+    wake_master();
+
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = quit.recv() => return quick_exit(&phase),
+            _ = int.recv() => return quick_exit(&phase),
+            _ = usr1.recv() => {
+                reopen_logs();
+                tracing::info!(slot, pid, "worker reopened log files");
+            }
+        }
+    }
+
+    phase.enter(WorkerPhase::Draining);
+    state.draining.store(true, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    for task in accept_tasks {
+        let _ = task.await;
+    }
+    let drained = tokio::select! {
+        _ = connections.all_closed() => true,
+        _ = tokio::time::sleep(settings.graceful_timeout) => false,
+        _ = quit.recv() => false,
+        _ = int.recv() => false,
+    };
+    if !drained {
+        tracing::warn!(
+            slot,
+            pid,
+            open = connections.open(),
+            "worker drain cut short"
+        );
+    }
+    heartbeat.abort();
+    phase.enter(WorkerPhase::Exited);
+    0
+}
+
+fn boot_failed(record: &WorkerRecord, reason: &str, wake_master: &impl Fn()) -> i32 {
+    tracing::error!(pid = std::process::id(), reason, "worker failed to boot");
+    record.set_message(reason);
+    record.set_state(RecordState::BootFailed);
+    wake_master();
+    EXIT_BOOT_FAILED
+}
+
+fn quick_exit(phase: &Phase<'_>) -> i32 {
+    phase.enter(WorkerPhase::Exited);
+    0
+}
+
+async fn heartbeat(record: &'static WorkerRecord, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        record.beat(monotonic_ms());
+    }
+}
+
+enum TokioListener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+fn into_tokio(listener: Listener) -> std::io::Result<TokioListener> {
+    Ok(match listener {
+        Listener::Tcp(l) => {
+            l.set_nonblocking(true)?;
+            TokioListener::Tcp(TcpListener::from_std(l)?)
+        }
+        Listener::Unix(l) => {
+            l.set_nonblocking(true)?;
+            TokioListener::Unix(UnixListener::from_std(l)?)
+        }
+    })
+}
+
+/// Counts open connections and wakes the drain when the last one closes.
+#[derive(Debug, Default)]
+struct Connections {
+    open: AtomicUsize,
+    closed: Notify,
+}
+
+impl Connections {
+    fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    fn track(self: &Arc<Self>) -> ConnectionGuard {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        ConnectionGuard(self.clone())
+    }
+
+    async fn all_closed(&self) {
+        loop {
+            let notified = self.closed.notified();
+            if self.open() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+struct ConnectionGuard(Arc<Connections>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.closed.notify_waiters();
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TokioListener,
+    app: axum::Router,
+    state: Arc<AppState>,
+    cap: Arc<Semaphore>,
+    connections: Arc<Connections>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let permit = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            permit = cap.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            accepted = accept(&listener) => accepted,
+        };
+        match accepted {
+            Ok(stream) => {
+                let guard = connections.track();
+                tokio::spawn(serve_connection(
+                    stream,
+                    app.clone(),
+                    state.clone(),
+                    (permit, guard),
+                ));
+            }
+            Err(e) => {
+                if is_fd_exhaustion(&e) {
+                    tracing::warn!(slot = state.slot, error = %e, "accept: out of file descriptors; backing off");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                } else {
+                    tracing::debug!(slot = state.slot, error = %e, "accept error");
+                }
+            }
+        }
+    }
+    // Take what the kernel has already queued for this listener, so removing the slot (which
+    // closes the listener) resets nothing. The master has steered new connections away by now.
+    while let Some(stream) = try_accept(&listener) {
+        let guard = connections.track();
+        tokio::spawn(serve_connection(stream, app.clone(), state.clone(), guard));
+    }
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(listener: &TokioListener) -> std::io::Result<Stream> {
+    Ok(match listener {
+        TokioListener::Tcp(l) => {
+            let (stream, _) = l.accept().await?;
+            let _ = stream.set_nodelay(true);
+            Stream::Tcp(stream)
+        }
+        TokioListener::Unix(l) => Stream::Unix(l.accept().await?.0),
+    })
+}
+
+/// One non-blocking accept straight on the socket, bypassing tokio's readiness cache.
+fn try_accept(listener: &TokioListener) -> Option<Stream> {
+    use std::os::fd::AsFd;
+    match listener {
+        TokioListener::Tcp(l) => {
+            let fd = l.as_fd().try_clone_to_owned().ok()?;
+            let std_listener = std::net::TcpListener::from(fd);
+            let (stream, _) = std_listener.accept().ok()?;
+            stream.set_nonblocking(true).ok()?;
+            let _ = stream.set_nodelay(true);
+            tokio::net::TcpStream::from_std(stream)
+                .ok()
+                .map(Stream::Tcp)
+        }
+        TokioListener::Unix(l) => {
+            let fd = l.as_fd().try_clone_to_owned().ok()?;
+            let std_listener = std::os::unix::net::UnixListener::from(fd);
+            let (stream, _) = std_listener.accept().ok()?;
+            stream.set_nonblocking(true).ok()?;
+            tokio::net::UnixStream::from_std(stream)
+                .ok()
+                .map(Stream::Unix)
+        }
+    }
+}
+
+fn is_fd_exhaustion(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(code) if code == nix::libc::EMFILE || code == nix::libc::ENFILE
+            || code == nix::libc::ENOBUFS || code == nix::libc::ENOMEM
+    )
+}
+
+fn http1(settings: &WorkerSettings) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    let header_timeout = if settings.keepalive.is_zero() {
+        DEFAULT_HEADER_TIMEOUT
+    } else {
+        settings.keepalive
+    };
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive(!settings.keepalive.is_zero())
+        // Starts when the connection waits for a request head (new or idle), so it is both the
+        // keep-alive idle timeout and the slow-loris bound.
+        .header_read_timeout(header_timeout)
+        .max_headers(settings.limit_request_fields)
+        .max_buf_size((settings.limit_request_line + 64 * 1024).max(8192));
+    builder
+}
+
+/// Header timeout when keep-alive is off (there is then no idle wait to bound).
+const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn serve_connection<G: Send + 'static>(
+    stream: Stream,
+    app: axum::Router,
+    state: Arc<AppState>,
+    guard: G,
+) {
+    let service = TowerToHyperService::new(app);
+    let builder = http1(&state.settings);
+    let result = match stream {
+        Stream::Tcp(s) => builder.serve_connection(TokioIo::new(s), service).await,
+        Stream::Unix(s) => builder.serve_connection(TokioIo::new(s), service).await,
+    };
+    if let Err(e) = result {
+        tracing::debug!(slot = state.slot, error = %e, "connection ended with an error");
+    }
+    drop(guard);
+}

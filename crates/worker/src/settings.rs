@@ -1,0 +1,78 @@
+//! What the supervisor hands a worker at fork time.
+
+use std::fmt;
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+use ferrocorn_query_core::EngineSettings;
+
+use crate::query::QuerySettings;
+use crate::scoreboard::WorkerRecord;
+
+/// The worker's HTTP settings, resolved by the supervisor from the configuration.
+#[derive(Clone, Debug)]
+pub struct WorkerSettings {
+    /// Most concurrent connections this worker serves (`worker_connections`).
+    pub worker_connections: usize,
+    /// How long an idle keep-alive connection stays open, and how long a client has to send a
+    /// request's headers (`keepalive`); zero turns keep-alive off.
+    pub keepalive: Duration,
+    /// How long a draining worker waits for its connections before it exits (`graceful_timeout`).
+    pub graceful_timeout: Duration,
+    /// How often the event loop writes its heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Requests after which the worker asks to be replaced (`max_requests` + this worker's
+    /// jitter); `None` for no budget.
+    pub request_budget: Option<u64>,
+    /// Longest request line, in bytes (`limit_request_line`); longer is 414.
+    pub limit_request_line: usize,
+    /// Most header fields (`limit_request_fields`); more is 431.
+    pub limit_request_fields: usize,
+    /// Longest header field, name and value, in bytes (`limit_request_field_size`); longer is 431.
+    pub limit_request_field_size: usize,
+    /// Query limits and admission control.
+    pub query: QuerySettings,
+}
+
+/// A listening socket inherited from the master.
+pub enum Listener {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+impl fmt::Debug for Listener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(l) => write!(f, "Tcp({:?})", l.local_addr().ok()),
+            Self::Unix(l) => write!(f, "Unix({:?})", l.local_addr().ok()),
+        }
+    }
+}
+
+/// Everything a freshly forked worker needs.
+pub struct WorkerArgs {
+    /// The slot this worker serves.
+    pub slot: usize,
+    /// The slot's listeners (one per bind address).
+    pub listeners: Vec<Listener>,
+    /// This worker's record in the shared scoreboard.
+    pub record: &'static WorkerRecord,
+    /// Write end of the master's wake-up pipe: one byte after each state change the master must
+    /// act on (ready, retirement request).
+    pub notify: OwnedFd,
+    pub settings: WorkerSettings,
+    pub engine: EngineSettings,
+    /// Called on SIGUSR1 to reopen the log files.
+    pub reopen_logs: fn(),
+}
+
+impl fmt::Debug for WorkerArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerArgs")
+            .field("slot", &self.slot)
+            .field("listeners", &self.listeners)
+            .field("settings", &self.settings)
+            .field("engine", &self.engine)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,336 @@
+//! The master and its pool: fork rules, replacement without failures, hangs, crashes, signals.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::support::{self, Load, Setup, get, poll_until, proc_status};
+
+#[test]
+fn master_is_single_threaded_and_workers_are_its_children() {
+    let server = Setup::new()
+        .key("workers", "3")
+        .key("max_requests", "0")
+        .start();
+    assert_eq!(
+        proc_status(server.pid().as_raw(), "Threads").as_deref(),
+        Some("1"),
+        "the master must be single-threaded"
+    );
+    let workers = server.workers();
+    assert_eq!(workers.len(), 3, "three worker children: {workers:?}");
+
+    // Every child answers /readyz with its own pid after DuckDB's SELECT 1.
+    let mut seen = BTreeSet::new();
+    for _ in 0..2000 {
+        let response = get(server.addr(), "/readyz").expect("readyz");
+        assert_eq!(response.status, 200);
+        let body = response.json();
+        assert!(body["duckdb"].as_str().is_some_and(|v| v.starts_with('v')));
+        seen.insert(body["pid"].as_i64().expect("pid") as i32);
+        if seen.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(seen, workers, "each worker answered with its own DuckDB");
+    for pid in &workers {
+        let threads: usize = proc_status(*pid, "Threads")
+            .and_then(|t| t.parse().ok())
+            .expect("worker threads");
+        assert!(threads >= 1);
+    }
+    // The lifecycle is logged with the word worker, the slot and the pid.
+    for pid in &workers {
+        assert_eq!(
+            server.count(&["worker spawned", &format!("pid={pid}")]),
+            1,
+            "spawn of {pid} logged"
+        );
+        assert_eq!(
+            server.count(&["worker ready", &format!("pid={pid}"), "slot="]),
+            1
+        );
+    }
+}
+
+#[test]
+fn no_failed_request_across_recycling_resizing_and_reload() {
+    let setup = Setup::new()
+        .key("workers", "2")
+        .key("max_requests", "300")
+        .key("max_requests_jitter", "50");
+    let config_path = setup.config_path();
+    let server = setup.start();
+    let load = Load::start(server.addr(), 4);
+
+    // Recycling: several workers reach their budget and are replaced.
+    server.wait_log(&["recycling"], 6, Duration::from_secs(90));
+
+    // TTIN: a third slot joins once its worker is ready.
+    server.signal(Signal::SIGTTIN);
+    server.wait_log(&["adding slot", "slot=2"], 1, Duration::from_secs(30));
+    poll_until("the third slot to serve", Duration::from_secs(30), || {
+        server
+            .log_lines(&["worker ready", "slot=2"])
+            .first()
+            .cloned()
+    });
+
+    // TTOU: the third slot is drained and removed.
+    server.signal(Signal::SIGTTOU);
+    server.wait_log(&["removing slot", "slot=2"], 1, Duration::from_secs(30));
+    server.wait_log(&["worker exited", "slot=2"], 1, Duration::from_secs(60));
+
+    // HUP with a bigger pool: every worker is rolled, one at a time.
+    let text = std::fs::read_to_string(&config_path).expect("config");
+    std::fs::write(&config_path, text.replace("workers = 2", "workers = 3")).expect("config");
+    server.signal(Signal::SIGHUP);
+    server.wait_log(&["reload complete"], 1, Duration::from_secs(90));
+
+    let stats = load.stop();
+    // Without load no worker reaches its budget, so the pool settles at exactly three.
+    poll_until("three workers", Duration::from_secs(30), || {
+        (server.workers().len() == 3).then_some(())
+    });
+    let recycles = server.count(&["recycling"]);
+    println!(
+        "zero-failure run: {} requests, {} recycles, {} distinct workers answered, {} workers spawned",
+        stats.ok,
+        recycles,
+        stats.pids.len(),
+        server.count(&["worker spawned"])
+    );
+    assert!(
+        stats.errors.is_empty(),
+        "{} failed requests: {:?}",
+        stats.errors.len(),
+        &stats.errors[..stats.errors.len().min(10)]
+    );
+    assert!(stats.ok > 1000, "the load ran: {} requests", stats.ok);
+    assert!(recycles >= 6);
+}
+
+#[test]
+fn sigkill_worker_is_replaced_and_pool_serves_within_a_second() {
+    let server = Setup::new().key("workers", "2").start();
+    let before = server.workers();
+    let victim = *before.iter().next().expect("a worker");
+    let ready_before = server.ready_count();
+    let killed_at = Instant::now();
+    kill(Pid::from_raw(victim), Signal::SIGKILL).expect("kill");
+    poll_until("a replacement worker", Duration::from_secs(1), || {
+        (server.ready_count() > ready_before).then_some(())
+    });
+    // Every new connection is served: none lands on a listener without a worker.
+    for _ in 0..50 {
+        let response = get(server.addr(), "/healthz").expect("served");
+        assert_eq!(response.status, 200);
+    }
+    println!("SIGKILL to serving again: {:?}", killed_at.elapsed());
+    let after = server.workers();
+    assert_eq!(after.len(), 2);
+    assert!(!after.contains(&victim));
+    assert_eq!(
+        server.count(&["worker died unexpectedly", &format!("pid={victim}")]),
+        1
+    );
+}
+
+#[test]
+fn stopped_worker_is_killed_and_replaced_within_timeout() {
+    let timeout = Duration::from_secs(2);
+    let server = Setup::new().key("workers", "2").key("timeout", "2").start();
+    let victim = *server.workers().iter().next().expect("a worker");
+    let ready_before = server.ready_count();
+    let stopped_at = Instant::now();
+    kill(Pid::from_raw(victim), Signal::SIGSTOP).expect("stop");
+    poll_until(
+        "the hung worker to be replaced",
+        timeout + Duration::from_secs(2),
+        || {
+            (server.ready_count() > ready_before && !server.workers().contains(&victim))
+                .then_some(())
+        },
+    );
+    println!("SIGSTOP to replaced: {:?}", stopped_at.elapsed());
+    let lines = server.log_lines(&["WORKER TIMEOUT", &format!("pid={victim}")]);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("slot=") && lines[0].contains("serving="));
+    assert_eq!(server.workers().len(), 2);
+    assert_eq!(get(server.addr(), "/healthz").expect("healthz").status, 200);
+}
+
+#[test]
+fn worker_that_cannot_boot_stops_the_master_with_code_3() {
+    let setup = Setup::new();
+    std::fs::write(setup.path("data/broken.parquet"), b"this is not parquet").expect("write");
+    let mut server = setup.spawn();
+    let status = server.wait_exit(support::READY_DEADLINE);
+    assert_eq!(status.code(), Some(3), "{}", server.log());
+    let log = server.log();
+    assert!(log.contains("worker failed to boot"), "{log}");
+    assert!(
+        log.contains("broken"),
+        "the reason names the dataset: {log}"
+    );
+    assert!(server.workers().is_empty());
+}
+
+#[test]
+fn hup_with_an_invalid_config_leaves_the_pool_untouched() {
+    let setup = Setup::new();
+    let config_path = setup.config_path();
+    let server = setup.start();
+    let before = server.workers();
+    std::fs::write(&config_path, "workers = \"many\"\n").expect("config");
+    server.signal(Signal::SIGHUP);
+    server.wait_log(
+        &["reload: invalid configuration"],
+        1,
+        Duration::from_secs(10),
+    );
+    assert_eq!(server.workers(), before);
+    assert_eq!(get(server.addr(), "/healthz").expect("healthz").status, 200);
+}
+
+#[test]
+fn ten_hups_in_a_second_lose_no_slot() {
+    let server = Setup::new().key("workers", "2").start();
+    for _ in 0..10 {
+        server.signal(Signal::SIGHUP);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server.wait_log(&["reload complete"], 1, Duration::from_secs(60));
+    poll_until(
+        "two workers after the HUP storm",
+        Duration::from_secs(60),
+        || {
+            let log = server.log();
+            let last_complete = log.rfind("reload complete")?;
+            let last_reload = log.rfind("reloading: rolling")?;
+            (last_complete > last_reload && server.workers().len() == 2).then_some(())
+        },
+    );
+    for _ in 0..20 {
+        assert_eq!(get(server.addr(), "/healthz").expect("healthz").status, 200);
+    }
+    assert!(!server.log().contains("panicked"));
+}
+
+#[test]
+fn term_drains_and_exits_zero_and_removes_the_pid_file() {
+    let setup = Setup::new().key("graceful_timeout", "10");
+    let pidfile = setup.path("ferrocorn.pid");
+    let setup = setup.key("pidfile", &support::toml_str(&pidfile));
+    let mut server = setup.start();
+    let written: i32 = std::fs::read_to_string(&pidfile)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    assert_eq!(written, server.pid().as_raw());
+    server.signal(Signal::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+    assert!(!pidfile.exists(), "pid file removed");
+    let log = server.log();
+    let phases: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("master phase"))
+        .filter_map(|l| l.split("phase=").nth(1))
+        .collect();
+    assert_eq!(phases, ["Starting", "Running", "Stopping", "Exited"]);
+}
+
+#[test]
+fn quit_stops_at_once() {
+    let mut server = Setup::new().start();
+    server.signal(Signal::SIGQUIT);
+    let status = server.wait_exit(Duration::from_secs(5));
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn usr1_reopens_the_error_log() {
+    let setup = Setup::new();
+    let errorlog = setup.path("error.log");
+    let setup = setup.key("errorlog", &support::toml_str(&errorlog));
+    let mut server = setup.spawn();
+    poll_until(
+        "workers ready in the error log",
+        support::READY_DEADLINE,
+        || {
+            std::fs::read_to_string(&errorlog)
+                .ok()
+                .filter(|t| t.contains("all workers ready"))
+        },
+    );
+    let rotated = errorlog.with_extension("log.1");
+    std::fs::rename(&errorlog, &rotated).expect("rotate");
+    server.signal(Signal::SIGUSR1);
+    poll_until("a new error log", Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&errorlog).ok()?;
+        (text.contains("master reopened log files")
+            && text.matches("worker reopened log files").count() == 2)
+            .then_some(())
+    });
+    server.signal(Signal::SIGTERM);
+    assert_eq!(server.wait_exit(Duration::from_secs(35)).code(), Some(0));
+}
+
+#[test]
+fn serves_ipv4_ipv6_and_unix_socket_at_once() {
+    let setup = Setup::new();
+    let socket = setup.path("ferrocorn.sock");
+    let binds = format!(
+        "[\"127.0.0.1:0\", \"[::1]:0\", \"unix:{}\"]",
+        socket.display()
+    );
+    let server = setup.key("bind", &binds).start();
+    let addresses: Vec<String> = server
+        .log_lines(&["listening"])
+        .iter()
+        .filter_map(|l| l.split("address=").nth(1).map(|a| a.trim().to_owned()))
+        .collect();
+    assert_eq!(addresses.len(), 3, "{addresses:?}");
+    for address in &addresses {
+        if let Ok(addr) = address.parse() {
+            assert_eq!(get(addr, "/healthz").expect("tcp").status, 200, "{address}");
+        }
+    }
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket).expect("unix connect");
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("read");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}
+
+#[test]
+fn shared_listener_mode_serves_from_every_worker() {
+    let server = Setup::new()
+        .key("workers", "2")
+        .key("reuse_port", "false")
+        .start();
+    let load = Load::start(server.addr(), 4);
+    poll_until("both workers to answer", Duration::from_secs(30), || {
+        let mut pids = BTreeSet::new();
+        for _ in 0..50 {
+            let body = get(server.addr(), "/healthz").ok()?.json();
+            pids.insert(body["pid"].as_i64()? as i32);
+        }
+        (pids == server.workers()).then_some(())
+    });
+    server.signal(Signal::SIGTTOU);
+    server.wait_log(&["worker exited"], 1, Duration::from_secs(30));
+    let stats = load.stop();
+    assert!(
+        stats.errors.is_empty(),
+        "{:?}",
+        &stats.errors[..stats.errors.len().min(10)]
+    );
+}
