@@ -730,3 +730,94 @@ fn openapi_describes_every_endpoint_and_real_responses_match_it() {
         [200, 400, 403, 404, 406, 413, 415]
     );
 }
+
+#[test]
+fn an_error_after_the_first_byte_never_passes_for_a_complete_result() {
+    let server = Setup::new()
+        .key("workers", "1")
+        .key("max_result_rows", "10000000")
+        .start();
+    // Megabytes of rows, then DuckDB raises: the headers have long been sent. (DuckDB runs
+    // ahead of its reader by up to about a million rows, hence the size.)
+    let sql = encode(
+        "SELECT CASE WHEN range < 3000000 THEN range ELSE error('boom at row ' || range) END AS x FROM range(4000000)",
+    );
+    let ndjson = get(server.addr(), &format!("/v1/query?sql={sql}&format=ndjson")).expect("ndjson");
+    assert_eq!(ndjson.status, 200);
+    let text = String::from_utf8(ndjson.body).expect("utf8");
+    let last: serde_json::Value =
+        serde_json::from_str(text.lines().last().expect("lines")).expect("json");
+    assert_eq!(last["error"]["code"], "sql_error", "{last}");
+    assert!(
+        last["error"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("boom"))
+    );
+
+    let csv = get(server.addr(), &format!("/v1/query?sql={sql}&format=csv"));
+    assert!(
+        csv.is_err(),
+        "a CSV body cut by an error must not read as complete"
+    );
+    assert_eq!(
+        query(&server, json!({"sql": "SELECT 1"})).status,
+        200,
+        "the worker lives"
+    );
+}
+
+#[test]
+fn streamed_results_report_rows_and_truncation_in_trailers() {
+    let server = Setup::new().key("max_result_rows", "300000").start();
+    let sql = encode("SELECT range AS x FROM range(1000000)");
+    let response = get_with(
+        server.addr(),
+        &format!("/v1/query?sql={sql}&format=csv"),
+        &[("TE", "trailers")],
+    )
+    .expect("csv");
+    assert_eq!(response.status, 200);
+    assert!(
+        response.header("x-result-truncated").is_none(),
+        "streamed, not buffered"
+    );
+    assert_eq!(response.trailer("x-result-truncated"), Some("true"));
+    assert_eq!(response.trailer("x-result-rows"), Some("300000"));
+    assert_eq!(
+        response.body.iter().filter(|&&b| b == b'\n').count(),
+        300_001
+    );
+}
+
+#[test]
+fn huge_results_are_cut_and_memory_hungry_queries_fail_cleanly() {
+    let server = Setup::new()
+        .key("workers", "1")
+        .key("max_result_rows", "1000")
+        .key("duckdb_memory_limit", "\"64MB\"")
+        .start();
+    let huge = query(&server, json!({"sql": "SELECT * FROM range(100000000)"})).json();
+    assert_eq!(huge["row_count"], 1000);
+    assert_eq!(huge["truncated"], true);
+    let hungry = query(
+        &server,
+        json!({"sql": "SELECT list(range ORDER BY random()) FROM range(50000000)"}),
+    );
+    assert!(
+        hungry.status == 503 || hungry.status == 400,
+        "{} {}",
+        hungry.status,
+        String::from_utf8_lossy(&hungry.body)
+    );
+    println!(
+        "memory-hungry query: {} {}",
+        hungry.status,
+        hungry.json()["code"]
+    );
+    assert_eq!(
+        query(&server, json!({"sql": "SELECT 1"})).status,
+        200,
+        "the worker lives"
+    );
+    assert_eq!(server.workers().len(), 1);
+}

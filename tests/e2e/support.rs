@@ -330,11 +330,20 @@ pub struct Response {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// Trailer fields of a chunked body.
+    pub trailers: Vec<(String, String)>,
 }
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn trailer(&self, name: &str) -> Option<&str> {
+        self.trailers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
@@ -391,6 +400,7 @@ pub fn read_response(reader: &mut impl BufRead) -> io::Result<Response> {
         status,
         headers,
         body: Vec::new(),
+        trailers: Vec::new(),
     };
     if let Some(len) = response.header("content-length") {
         let len: usize = len
@@ -407,11 +417,30 @@ pub fn read_response(reader: &mut impl BufRead) -> io::Result<Response> {
             reader.read_line(&mut line)?;
             let size = usize::from_str_radix(line.trim(), 16)
                 .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
-            let mut chunk = vec![0; size + 2];
-            reader.read_exact(&mut chunk)?;
             if size == 0 {
+                // Trailer fields, then the empty line that ends the body.
+                loop {
+                    line.clear();
+                    if reader.read_line(&mut line)? == 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "eof in trailers",
+                        ));
+                    }
+                    let field = line.trim_end();
+                    if field.is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = field.split_once(':') {
+                        response
+                            .trailers
+                            .push((k.trim().to_owned(), v.trim().to_owned()));
+                    }
+                }
                 break;
             }
+            let mut chunk = vec![0; size + 2];
+            reader.read_exact(&mut chunk)?;
             chunk.truncate(size);
             response.body.extend_from_slice(&chunk);
         }

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! scripts/gen_tpch.sh 1
-//! cargo bench -p ferrocorn-query-core --profile dev --bench query_core -- data/tpch-sf1 [ITERATIONS]
+//! cargo bench --workspace --profile dev --bench query_core -- [TPCH_DIR] [ITERATIONS]
 //! ```
 //!
 //! Both sides use one DuckDB thread and views over the same Parquet files. "raw" prepares the
@@ -65,7 +65,11 @@ fn view_sql(dir: &Path, table: &str) -> String {
 
 fn main() {
     let mut args = std::env::args().skip(1).filter(|a| a != "--bench");
-    let dir = PathBuf::from(args.next().unwrap_or_else(|| "data/tpch-sf1".into()));
+    // Cargo runs benchmarks in the package directory: the default is the workspace's data/.
+    let dir = args.next().map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/tpch-sf1"),
+        PathBuf::from,
+    );
     let iterations: usize = args.next().and_then(|n| n.parse().ok()).unwrap_or(200);
     if !dir.join("orders.parquet").exists() {
         eprintln!(

@@ -25,6 +25,8 @@ use ferrocorn_query_core::{
     Summary,
 };
 use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http_body_util::StreamBody;
+use hyper::body::Frame;
 use serde::Deserialize;
 use tokio::sync::{Semaphore, mpsc};
 
@@ -115,7 +117,8 @@ pub struct QueryBody {
     request_body(content = QueryBody, content_type = "application/json"),
     responses(
         (status = 200, description = "The result, in the format chosen by `format` or `Accept`. \
-            X-Result-Truncated and X-Result-Rows are set when the result fits in the first MiB; \
+            X-Result-Truncated and X-Result-Rows are headers when the result fits in the first MiB \
+            and trailers otherwise (sent to clients that ask with TE: trailers); \
             Server-Timing gives queue, execution and encoding times.",
             content(
                 (JsonResult = "application/json"),
@@ -559,51 +562,63 @@ async fn run_query(
     if let Ok(value) = HeaderValue::from_str(&timing) {
         response_headers.insert("server-timing", value);
     }
-    let state_for_body = (guard, permit, timer, cancel, format);
+    // Clients that send `TE: trailers` get the row count and the truncation flag at the end.
+    response_headers.insert(
+        header::TRAILER,
+        HeaderValue::from_static("x-result-truncated, x-result-rows"),
+    );
+    let held = Some((guard, permit, timer, cancel, format));
     let first = Some(Bytes::from(buffered));
     let stream = futures_util::stream::unfold(
-        (rx, first, Some(state_for_body)),
+        (rx, first, held),
         |(mut rx, mut first, mut held)| async move {
+            type Item = Result<Frame<Bytes>, std::io::Error>;
             if let Some(bytes) = first.take() {
-                return Some((Ok::<_, std::io::Error>(bytes), (rx, None, held)));
+                return Some((
+                    Ok::<_, std::io::Error>(Frame::data(bytes)),
+                    (rx, None, held),
+                ));
             }
             let (_, _, _, cancel, format) = held.as_ref()?;
             let format = *format;
-            match rx.recv().await {
-                Some(Chunk::Data(bytes)) => Some((Ok(Bytes::from(bytes)), (rx, None, held))),
-                Some(Chunk::End { .. }) => {
-                    if let Some((_guard, _permit, timer, cancel, _)) = held.take() {
-                        timer.abort();
-                        cancel.done.store(true, Ordering::Release);
-                    }
-                    None
+            let item: Item = match rx.recv().await {
+                Some(Chunk::Data(bytes)) => {
+                    return Some((Ok(Frame::data(Bytes::from(bytes))), (rx, None, held)));
+                }
+                Some(Chunk::End { summary, .. }) => {
+                    let mut trailers = HeaderMap::new();
+                    insert_result_counts(&mut trailers, summary);
+                    Ok(Frame::trailers(trailers))
                 }
                 Some(Chunk::Failed(e)) => {
                     let problem = query_failure(e, cancel);
                     tracing::warn!(error = %problem, "query failed after the response started");
-                    let item = if format == Format::Ndjson {
-                        let line = ndjson_error_line(&problem);
-                        Ok(Bytes::from(line))
+                    if format == Format::Ndjson {
+                        Ok(Frame::data(Bytes::from(ndjson_error_line(&problem))))
                     } else {
                         Err(std::io::Error::other(problem.to_string()))
-                    };
-                    if let Some((_guard, _permit, timer, cancel, _)) = held.take() {
-                        timer.abort();
-                        cancel.done.store(true, Ordering::Release);
                     }
-                    Some((item, (rx, None, None)))
                 }
-                None => {
-                    held.take();
-                    Some((
-                        Err(std::io::Error::other("query ended early")),
-                        (rx, None, None),
-                    ))
-                }
+                None => Err(std::io::Error::other("query ended early")),
+            };
+            // The last item: the query is over, so nothing is left to cancel.
+            if let Some((_guard, _permit, timer, cancel, _)) = held.take() {
+                timer.abort();
+                cancel.done.store(true, Ordering::Release);
             }
+            Some((item, (rx, None, None)))
         },
     );
-    Ok((StatusCode::OK, response_headers, Body::from_stream(stream)).into_response())
+    let body = Body::new(StreamBody::new(stream));
+    Ok((StatusCode::OK, response_headers, body).into_response())
+}
+
+fn insert_result_counts(headers: &mut HeaderMap, summary: Summary) {
+    headers.insert(
+        "x-result-truncated",
+        HeaderValue::from_static(if summary.truncated { "true" } else { "false" }),
+    );
+    headers.insert("x-result-rows", HeaderValue::from(summary.rows));
 }
 
 fn insert_result_headers(
@@ -613,13 +628,7 @@ fn insert_result_headers(
     exec: Duration,
     encode: Duration,
 ) {
-    headers.insert(
-        "x-result-truncated",
-        HeaderValue::from_static(if summary.truncated { "true" } else { "false" }),
-    );
-    if let Ok(rows) = HeaderValue::from_str(&summary.rows.to_string()) {
-        headers.insert("x-result-rows", rows);
-    }
+    insert_result_counts(headers, summary);
     let timing = format!(
         "queue;dur={:.1}, exec;dur={:.1}, encode;dur={:.1}",
         queued.as_secs_f64() * 1000.0,
