@@ -821,3 +821,48 @@ fn huge_results_are_cut_and_memory_hungry_queries_fail_cleanly() {
     );
     assert_eq!(server.workers().len(), 1);
 }
+
+#[test]
+fn a_dataset_replaced_mid_query_harms_nothing() {
+    let setup = Setup::new().with_sample_data().key("workers", "1");
+    let data = setup.path("data");
+    let server = setup.start();
+    let addr = server.addr();
+    let slow = std::thread::spawn(move || {
+        let response = post_json(
+            addr,
+            "/v1/query",
+            &json!({"sql": "SELECT sum(o.amount * r.range) FROM orders o, range(40000) r"}),
+        );
+        (response, Instant::now())
+    });
+    // Replace the file while the query reads it (an atomic rename, as uploads should do).
+    std::thread::sleep(Duration::from_millis(300));
+    let staging = data.join(".orders.parquet.tmp");
+    std::fs::copy(data.join("customers.parquet"), &staging).expect("copy");
+    std::fs::rename(&staging, data.join("orders.parquet")).expect("rename");
+    let replaced = Instant::now();
+    let (response, answered) = slow.join().expect("thread");
+    let response = response.expect("answered");
+    assert!(
+        answered > replaced,
+        "the query was still running when its file was replaced"
+    );
+    // The reader keeps the file it opened, or fails cleanly: never a dead worker.
+    assert!(
+        response.status == 200 || (400..600).contains(&response.status),
+        "{}",
+        response.status
+    );
+    if response.status != 200 {
+        assert_eq!(
+            response.header("content-type"),
+            Some("application/problem+json")
+        );
+    }
+    poll_until("the new orders", Duration::from_secs(10), || {
+        let body = query(&server, json!({"sql": "SELECT count(*) FROM orders"})).json();
+        (body["rows"][0][0] == 500).then_some(())
+    });
+    assert_eq!(server.workers().len(), 1);
+}
