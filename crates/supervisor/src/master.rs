@@ -66,7 +66,7 @@ pub enum WorkerPhase {
 /// Consecutive boot failures, with no worker ready in between, after which the master gives up.
 const CRASH_LOOP_LIMIT: u32 = 10;
 /// Time between SIGABRT and SIGKILL for a worker that missed its heartbeat.
-const KILL_GRACE: Duration = Duration::from_secs(1);
+const KILL_GRACE: Duration = Duration::from_millis(500);
 /// Time a quick stop (INT/QUIT) gives workers before SIGKILL.
 const QUICK_STOP_GRACE: Duration = Duration::from_secs(2);
 /// How long the master sleeps at most between two looks at the pool.
