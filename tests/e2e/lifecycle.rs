@@ -334,3 +334,26 @@ fn shared_listener_mode_serves_from_every_worker() {
         &stats.errors[..stats.errors.len().min(10)]
     );
 }
+
+#[test]
+fn systemd_is_told_ready_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let setup = Setup::new();
+    let socket_path = setup.path("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).expect("notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut server = setup
+        .env("NOTIFY_SOCKET", &socket_path.display().to_string())
+        .spawn();
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf).expect("a notification");
+    assert_eq!(&buf[..n], b"READY=1\n");
+    server.wait_ready();
+    assert!(server.log().contains("all workers ready"));
+    server.signal(Signal::SIGTERM);
+    let n = socket.recv(&mut buf).expect("a notification");
+    assert_eq!(&buf[..n], b"STOPPING=1\n");
+    assert_eq!(server.wait_exit(Duration::from_secs(35)).code(), Some(0));
+}

@@ -337,6 +337,9 @@ fn bad_bodies_are_4xx_naming_the_problem() {
     assert_eq!(wrong_type.status, 415);
     let no_sql = get(addr, "/v1/query").expect("no sql");
     assert_eq!(no_sql.status, 400);
+    let unknown_key = get(addr, "/v1/query?sql=SELECT+1&fromat=csv").expect("unknown key");
+    assert_eq!(unknown_key.status, 400);
+    assert_eq!(unknown_key.json()["code"], "invalid_query_string");
     assert_eq!(
         query(&server, json!({"sql": "SELECT 1"})).status,
         200,

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use ferrocorn_query_core::arrow::datatypes::SchemaRef;
@@ -211,13 +212,13 @@ pub async fn post_query(
 pub async fn get_query(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Query(query): Query<HashMap<String, String>>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let mut query = query;
     let bad = |detail: String| ApiError::BadRequest {
         code: "invalid_query_string",
         detail,
     };
+    let Query(mut query) = query.map_err(|e| bad(e.body_text()))?;
     let sql = query
         .remove("sql")
         .ok_or_else(|| bad("the sql parameter is required".into()))?;
