@@ -5,7 +5,7 @@
 //! types below derive their schemas from the same structs the handlers serialize.
 
 use serde::Serialize;
-use utoipa::{OpenApi, ToSchema};
+use utoipa::{IntoResponses, OpenApi, ToResponse, ToSchema};
 
 use crate::problem::Problem;
 use crate::query::QueryBody;
@@ -95,4 +95,42 @@ pub struct JsonResult {
     pub row_count: u64,
     /// Whether more rows existed than were returned (the `limit` or the server maximum).
     pub truncated: bool,
+}
+
+/// The result of a query, in the format chosen by `format` or `Accept`. `X-Result-Truncated` and
+/// `X-Result-Rows` are headers when the result fits in the first MiB and trailers otherwise (sent
+/// to clients that ask with `TE: trailers`); `Server-Timing` gives queue, execution and encoding
+/// times.
+// Only the description is used: the encoders write the bytes, so no variant is ever built.
+#[allow(dead_code)]
+#[derive(Debug, ToResponse)]
+pub enum QueryResult {
+    Json(#[content("application/json")] JsonResult),
+    Ndjson(#[content("application/x-ndjson")] String),
+    Csv(#[content("text/csv")] String),
+    Arrow(#[content("application/vnd.apache.arrow.stream")] Vec<u8>),
+    Parquet(#[content("application/vnd.apache.parquet")] Vec<u8>),
+}
+
+/// The errors both forms of `/v1/query` can answer.
+// Only the description is used: errors are built as `ApiError`s.
+#[allow(dead_code)]
+#[derive(Debug, IntoResponses)]
+pub enum QueryErrors {
+    /// SQL error (`sql_syntax`, `sql_binder`, `sql_error`), several statements
+    /// (`multiple_statements`), bad parameters (`invalid_parameter`) or request.
+    #[response(status = 400, content_type = "application/problem+json")]
+    BadRequest(Problem),
+    /// Not a read-only query (`statement_not_allowed`) or outside the sandbox (`access_denied`).
+    #[response(status = 403, content_type = "application/problem+json")]
+    Forbidden(Problem),
+    /// No acceptable format (`not_acceptable`).
+    #[response(status = 406, content_type = "application/problem+json")]
+    NotAcceptable(Problem),
+    /// `overloaded` (with `Retry-After`) or `out_of_memory`.
+    #[response(status = 503, content_type = "application/problem+json")]
+    Unavailable(Problem),
+    /// `query_timeout`: the deadline passed and DuckDB was interrupted.
+    #[response(status = 504, content_type = "application/problem+json")]
+    Timeout(Problem),
 }

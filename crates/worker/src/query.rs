@@ -32,7 +32,7 @@ use serde::Deserialize;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::http::AppState;
-use crate::openapi::JsonResult;
+use crate::openapi::{QueryErrors, QueryResult};
 use crate::problem::{ApiError, Problem};
 
 /// The worker's query limits, resolved by the supervisor.
@@ -117,24 +117,10 @@ pub struct QueryBody {
     tag = "query",
     request_body(content = QueryBody, content_type = "application/json"),
     responses(
-        (status = 200, description = "The result, in the format chosen by `format` or `Accept`. \
-            X-Result-Truncated and X-Result-Rows are headers when the result fits in the first MiB \
-            and trailers otherwise (sent to clients that ask with TE: trailers); \
-            Server-Timing gives queue, execution and encoding times.",
-            content(
-                (JsonResult = "application/json"),
-                (String = "application/x-ndjson"),
-                (String = "text/csv"),
-                (Vec<u8> = "application/vnd.apache.arrow.stream"),
-                (Vec<u8> = "application/vnd.apache.parquet"),
-            )),
-        (status = 400, description = "Bad body, SQL error (`sql_syntax`, `sql_binder`, `sql_error`), several statements, bad parameters", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not a read-only query (`statement_not_allowed`) or outside the sandbox (`access_denied`)", body = Problem, content_type = "application/problem+json"),
-        (status = 406, description = "No acceptable format", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`overloaded` (with Retry-After) or `out_of_memory`", body = Problem, content_type = "application/problem+json"),
-        (status = 504, description = "`query_timeout`: the deadline passed and DuckDB was interrupted", body = Problem, content_type = "application/problem+json"),
+        (status = 200, response = inline(QueryResult)),
+        QueryErrors,
+        (status = 413, description = "Body too large (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON (`unsupported_media_type`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn post_query(
@@ -193,21 +179,7 @@ pub async fn post_query(
         ("limit" = Option<u64>, Query, description = "Rows at most"),
         ("timeout_ms" = Option<u64>, Query, description = "Deadline in milliseconds"),
     ),
-    responses(
-        (status = 200, description = "The result, as for POST",
-            content(
-                (JsonResult = "application/json"),
-                (String = "application/x-ndjson"),
-                (String = "text/csv"),
-                (Vec<u8> = "application/vnd.apache.arrow.stream"),
-                (Vec<u8> = "application/vnd.apache.parquet"),
-            )),
-        (status = 400, description = "Bad query string or SQL error", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not a read-only query", body = Problem, content_type = "application/problem+json"),
-        (status = 406, description = "No acceptable format", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Overloaded", body = Problem, content_type = "application/problem+json"),
-        (status = 504, description = "Query timeout", body = Problem, content_type = "application/problem+json"),
-    )
+    responses((status = 200, response = inline(QueryResult)), QueryErrors)
 )]
 pub async fn get_query(
     State(state): State<Arc<AppState>>,
