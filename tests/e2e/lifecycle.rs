@@ -66,7 +66,7 @@ fn no_failed_request_across_recycling_resizing_and_reload() {
     let load = Load::start(server.addr(), 4);
 
     // Recycling: several workers reach their budget and are replaced.
-    server.wait_log(&["recycling"], 6, Duration::from_secs(90));
+    server.wait_log(&["recycling"], 20, Duration::from_secs(120));
 
     // TTIN: a third slot joins once its worker is ready.
     server.signal(Signal::SIGTTIN);
@@ -109,7 +109,7 @@ fn no_failed_request_across_recycling_resizing_and_reload() {
         &stats.errors[..stats.errors.len().min(10)]
     );
     assert!(stats.ok > 1000, "the load ran: {} requests", stats.ok);
-    assert!(recycles >= 6);
+    assert!(recycles >= 20);
 }
 
 #[test]
