@@ -4,7 +4,7 @@
 //! requires (settings that are frozen later must be set first):
 //!
 //! 1. at open: `threads`, `memory_limit`, extension autoload/autoinstall off;
-//! 2. `temp_directory` (the worker's own spill directory);
+//! 2. `temp_directory` (the worker's own spill directory) and `parquet_metadata_cache`;
 //! 3. datasets registered as views (this reads Parquet footers, so it precedes the lock-down);
 //! 4. `allowed_directories` = the data directory and the temp directory;
 //! 5. `enable_external_access = false` (only the allowed directories stay readable);
@@ -102,6 +102,14 @@ impl Engine {
             &conn,
             "temp_directory",
             &format!("SET temp_directory = {}", quote(&temp_dir)),
+        )?;
+        // Parquet footers are parsed once per file version, not once per query. DuckDB validates
+        // each entry against the file's modification time (and distrusts times under ten seconds
+        // old), so a replaced file is never read through stale metadata.
+        set(
+            &conn,
+            "parquet_metadata_cache",
+            "SET parquet_metadata_cache = true",
         )?;
         let mut catalog = Vec::with_capacity(datasets.len());
         for dataset in datasets {
@@ -454,6 +462,14 @@ mod tests {
                 .is_err()
         );
         assert!(conn.execute_batch("SET memory_limit = '10GB'").is_err());
+        let cached: bool = conn
+            .query_row(
+                "SELECT current_setting('parquet_metadata_cache')",
+                [],
+                |r| r.get(0),
+            )
+            .expect("setting");
+        assert!(cached, "the Parquet metadata cache is on");
     }
 
     #[test]
