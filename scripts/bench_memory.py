@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Fire N concurrent heavy queries at a ferrocorn pool and sample the pool's memory.
+
+Usage: scripts/bench_memory.py [--workers 4] [--clients 100] [--tpch data/tpch-sf1] [--bin PATH]
+
+Starts ferrocorn on the TPC-H tables (views over Parquet), sends every client's TPC-H Q1 at
+once, samples the summed RSS of the master and all its workers every 100 ms, and reports the
+peak, the budget (duckdb_memory_limit) and the answers by status. Loopback only; bounded.
+"""
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+
+Q1 = """SELECT l_returnflag, l_linestatus, sum(l_quantity) AS sum_qty,
+  sum(l_extendedprice) AS sum_base_price,
+  sum(l_extendedprice * (1 - l_discount)) AS sum_disc_price,
+  sum(l_extendedprice * (1 - l_discount) * (1 + l_tax)) AS sum_charge,
+  avg(l_quantity) AS avg_qty, avg(l_extendedprice) AS avg_price, avg(l_discount) AS avg_disc,
+  count(*) AS count_order
+FROM lineitem WHERE l_shipdate <= DATE '1998-12-01' - INTERVAL 90 DAY
+GROUP BY l_returnflag, l_linestatus ORDER BY l_returnflag, l_linestatus"""
+
+
+def rss_kb(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def children(pid):
+    kids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid:
+            kids.append(int(entry))
+    return kids
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--budget", default="2GB")
+    parser.add_argument("--tpch", default=os.path.join(here, "..", "data", "tpch-sf1"))
+    parser.add_argument(
+        "--bin",
+        default=os.path.join(
+            os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/ferrocorn-target")),
+            "debug",
+            "ferrocorn",
+        ),
+    )
+    args = parser.parse_args()
+
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    proc = subprocess.Popen(
+        [args.bin, "--bind", "127.0.0.1:0", "--workers", str(args.workers),
+         "--data-dir", args.tpch, "--duckdb-memory-limit", args.budget,
+         "--max-requests", "0", "--query-timeout-ms", "600000"],
+        stderr=log, stdout=subprocess.DEVNULL,
+    )
+    port = None
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        text = open(log.name).read()
+        m = re.search(r"listening address=127\.0\.0\.1:(\d+)", text)
+        if m and "all workers ready" in text:
+            port = int(m.group(1))
+            break
+        time.sleep(0.05)
+    if port is None:
+        proc.kill()
+        raise SystemExit("ferrocorn did not become ready:\n" + open(log.name).read())
+
+    peak = [0]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            total = rss_kb(proc.pid) + sum(rss_kb(k) for k in children(proc.pid))
+            peak[0] = max(peak[0], total)
+            time.sleep(0.1)
+
+    statuses = collections.Counter()
+    latencies = []
+    lock = threading.Lock()
+    body = json.dumps({"sql": Q1}).encode()
+
+    def client():
+        started = time.time()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/query", data=body,
+            headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=900) as response:
+                response.read()
+                status = response.status
+        except urllib.error.HTTPError as e:
+            status = e.code
+        except Exception as e:  # a reset or a refused connection is a failure to report
+            status = f"error: {e}"
+        with lock:
+            statuses[status] += 1
+            latencies.append(time.time() - started)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    idle = rss_kb(proc.pid) + sum(rss_kb(k) for k in children(proc.pid))
+    started = time.time()
+    threads = [threading.Thread(target=client) for _ in range(args.clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.time() - started
+    stop.set()
+    sampler.join()
+    proc.terminate()
+    proc.wait(timeout=60)
+
+    latencies.sort()
+    print(f"workers={args.workers} clients={args.clients} budget={args.budget}")
+    print(f"idle pool RSS: {idle / 1024:.0f} MiB; peak pool RSS: {peak[0] / 1024:.0f} MiB")
+    print(f"answers: {dict(statuses)} in {elapsed:.1f} s; median latency "
+          f"{latencies[len(latencies) // 2]:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
