@@ -357,3 +357,56 @@ fn systemd_is_told_ready_and_stopping() {
     assert_eq!(&buf[..n], b"STOPPING=1\n");
     assert_eq!(server.wait_exit(Duration::from_secs(35)).code(), Some(0));
 }
+
+#[test]
+fn access_log_has_a_line_per_request_and_is_reopened_on_usr1() {
+    let setup = Setup::new();
+    let access = setup.path("access.log");
+    let server = setup.key("accesslog", &support::toml_str(&access)).start();
+    let addr = server.addr();
+    let mut conn = crate::support::Conn::open(addr).expect("connect");
+    conn.send_raw(
+        b"GET /healthz?x=1 HTTP/1.1\r\nHost: x\r\nUser-Agent: probe/1\r\nX-Request-Id: req-42\r\n\r\n",
+    )
+    .expect("healthz");
+    let line = poll_until("the access line", Duration::from_secs(10), || {
+        std::fs::read_to_string(&access)
+            .ok()?
+            .lines()
+            .find(|l| l.contains("req-42"))
+            .map(str::to_owned)
+    });
+    assert!(line.starts_with("127.0.0.1 - - ["), "{line}");
+    assert!(
+        line.contains("\"GET /healthz?x=1 HTTP/1.1\" 200 ") && line.contains("\"probe/1\""),
+        "{line}"
+    );
+    assert!(line.ends_with("ms req-42"), "{line}");
+
+    let rotated = access.with_extension("log.1");
+    std::fs::rename(&access, &rotated).expect("rotate");
+    server.signal(Signal::SIGUSR1);
+    server.wait_log(&["worker reopened log files"], 2, Duration::from_secs(10));
+    for _ in 0..10 {
+        get(addr, "/healthz").expect("healthz");
+    }
+    let fresh = poll_until(
+        "lines in the reopened file",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&access)
+                .ok()
+                .filter(|t| t.lines().count() == 10)
+        },
+    );
+    assert!(
+        fresh
+            .lines()
+            .all(|l| l.contains("\"GET /healthz HTTP/1.1\" 200 "))
+    );
+    assert!(
+        std::fs::read_to_string(&rotated)
+            .expect("rotated")
+            .contains("req-42")
+    );
+}

@@ -99,6 +99,9 @@ pub struct Cli {
     /// Error log file ("-" for standard error).
     #[arg(long = "error-logfile", value_name = "FILE")]
     pub errorlog: Option<String>,
+    /// Access log file ("-" for standard output); off unless given.
+    #[arg(long = "access-logfile", value_name = "FILE")]
+    pub accesslog: Option<String>,
 }
 
 /// The default configuration file, read when it exists and `--config` is not given.
@@ -155,6 +158,7 @@ impl Cli {
         flag!(query_queue_timeout_ms, "--query-queue-timeout-ms");
         flag!(loglevel, "--log-level");
         flag!(errorlog, "--error-logfile");
+        flag!(accesslog, "--access-logfile");
         layers
     }
 

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use ferrocorn_worker::access_log::AccessLogTarget;
 use ferrocorn_worker::scoreboard::MAX_WORKERS;
 
 /// A configuration error; the message always names the key or the file.
@@ -171,6 +172,8 @@ raw_config! {
     loglevel: String,
     /// Error log file; "-" is standard error.
     errorlog: String,
+    /// Access log: one line per request; "-" is standard output. Off when unset.
+    accesslog: String,
 }
 
 /// The origin of each key that a layer set.
@@ -213,6 +216,7 @@ impl RawConfig {
             query_queue_timeout_ms: Some(2_000),
             loglevel: Some("info".to_owned()),
             errorlog: Some("-".to_owned()),
+            accesslog: None,
         }
     }
 
@@ -392,6 +396,7 @@ pub struct Config {
     pub query_queue_timeout: Duration,
     pub loglevel: String,
     pub errorlog: Option<PathBuf>,
+    pub accesslog: Option<AccessLogTarget>,
 }
 
 fn require<T: Clone>(value: &Option<T>, key: &'static str) -> Result<T, ConfigError> {
@@ -558,6 +563,20 @@ impl Config {
             path => Some(absolute(Path::new(path))),
         };
 
+        let accesslog = match raw.accesslog.as_deref() {
+            None | Some("") => None,
+            Some("-") => Some(AccessLogTarget::Stdout),
+            Some(path) => {
+                let path = absolute(Path::new(path));
+                if !path.parent().is_some_and(Path::is_dir) {
+                    return Err(invalid(
+                        "accesslog",
+                        format!("the directory of {} does not exist", path.display()),
+                    ));
+                }
+                Some(AccessLogTarget::File(path))
+            }
+        };
         Ok(Self {
             binds,
             workers: workers as usize,
@@ -585,6 +604,7 @@ impl Config {
             query_queue_timeout: Duration::from_millis(query_queue_timeout_ms),
             loglevel,
             errorlog,
+            accesslog,
         })
     }
 

@@ -774,6 +774,7 @@ impl Master {
             graceful_timeout: c.graceful_timeout,
             heartbeat_interval: (c.timeout / 4).min(Duration::from_secs(1)),
             request_budget: budget,
+            accesslog: c.accesslog.clone(),
             limit_request_line: c.limit_request_line,
             limit_request_fields: c.limit_request_fields,
             limit_request_field_size: c.limit_request_field_size,

@@ -15,6 +15,7 @@ use ferrocorn_query_core::{DatasetInfo, Engine};
 use http::{HeaderValue, header};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
+use crate::access_log::{AccessEntry, AccessLog};
 use crate::openapi::{ApiDoc, ColumnDoc, DatasetDoc, DatasetList, Health, Ready};
 use crate::problem::{ApiError, Problem};
 use crate::query::{Admission, QuerySettings};
@@ -43,6 +44,8 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// Called once when the request budget is spent.
     pub on_budget_spent: Box<dyn Fn() + Send + Sync>,
+    /// Where request lines go, if anywhere.
+    pub access_log: Option<AccessLog>,
     next_request: AtomicU64,
 }
 
@@ -63,6 +66,7 @@ impl AppState {
         record: &'static WorkerRecord,
         settings: WorkerSettings,
         on_budget_spent: Box<dyn Fn() + Send + Sync>,
+        access_log: Option<AccessLog>,
     ) -> Self {
         Self {
             slot,
@@ -74,6 +78,7 @@ impl AppState {
             settings,
             draining: AtomicBool::new(false),
             on_budget_spent,
+            access_log,
             next_request: AtomicU64::new(1),
         }
     }
@@ -130,6 +135,12 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// Runs around every request: limits, request id, accounting, drain.
 async fn front_line(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let request_id = state.request_id(request.headers().get("x-request-id"));
+    let received = std::time::Instant::now();
+    // What the access line needs from the request, taken before the handler consumes it.
+    let access = state
+        .access_log
+        .as_ref()
+        .map(|_| RequestFacts::of(&request));
     REQUEST_ID
         .scope(request_id.clone(), async move {
             let mut response = match check_limits(&state.settings, &request) {
@@ -163,9 +174,68 @@ async fn front_line(State(state): State<Arc<AppState>>, request: Request, next: 
             if state.draining.load(Ordering::Relaxed) {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
+            if let (Some(log), Some(facts)) = (&state.access_log, &access) {
+                let entry = AccessEntry {
+                    peer: facts.peer.as_deref(),
+                    method: &facts.method,
+                    target: &facts.target,
+                    version: facts.version,
+                    status: response.status().as_u16(),
+                    bytes: response
+                        .headers()
+                        .get(header::CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok()),
+                    referer: facts.referer.as_deref(),
+                    user_agent: facts.user_agent.as_deref(),
+                    duration: received.elapsed(),
+                    request_id: &request_id,
+                };
+                log.write(&entry.format(std::time::SystemTime::now()));
+            }
             response
         })
         .await
+}
+
+/// The peer's address, inserted into each request by the connection that carries it.
+#[derive(Clone, Debug)]
+pub struct PeerAddr(pub String);
+
+/// The parts of a request its access line shows.
+struct RequestFacts {
+    peer: Option<String>,
+    method: String,
+    target: String,
+    version: &'static str,
+    referer: Option<String>,
+    user_agent: Option<String>,
+}
+
+impl RequestFacts {
+    fn of(request: &Request) -> Self {
+        let header_text = |name: header::HeaderName| {
+            request
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        Self {
+            peer: request.extensions().get::<PeerAddr>().map(|p| p.0.clone()),
+            method: request.method().to_string(),
+            target: request
+                .uri()
+                .path_and_query()
+                .map_or_else(|| request.uri().to_string(), ToString::to_string),
+            version: match request.version() {
+                http::Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            referer: header_text(header::REFERER),
+            user_agent: header_text(header::USER_AGENT),
+        }
+    }
 }
 
 /// Decrements the in-flight count however the request ends (including a dropped future).

@@ -10,6 +10,7 @@
 //! - [`settings`]: what the supervisor passes down ([`WorkerSettings`], [`WorkerArgs`]).
 //! - [`server`]: the lifecycle (booting → ready → draining → exited), the accept loop with its
 //!   connection cap, per-connection hyper settings (keep-alive, header timeout, limits), drain.
+//! - [`access_log`]: one combined-format line per request, reopened on SIGUSR1.
 //! - [`http`]: the router, the front-line middleware (request ids, request line and header
 //!   limits, request counting, `Connection: close` while draining) and the endpoints.
 //! - [`query`]: `/v1/query`: parsing, format negotiation, admission control, deadlines,
@@ -23,8 +24,9 @@
 //! | --- | --- |
 //! | TERM | drain: stop accepting, answer what is in flight with `Connection: close`, exit 0 |
 //! | INT, QUIT | exit at once |
-//! | USR1 | reopen log files |
+//! | USR1 | reopen the error and access logs |
 
+pub mod access_log;
 pub mod http;
 pub mod openapi;
 pub mod problem;

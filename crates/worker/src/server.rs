@@ -18,13 +18,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ferrocorn_query_core::Engine;
+use hyper::Request;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Notify, Semaphore, watch};
+use tower::ServiceExt;
 
-use crate::http::{AppState, router};
+use crate::access_log::AccessLog;
+use crate::http::{AppState, PeerAddr, router};
 use crate::scoreboard::{RecordState, WorkerRecord, monotonic_ms};
 use crate::settings::{Listener, WorkerArgs, WorkerSettings};
 use ferrocorn_query_core::error::chain as error_chain;
@@ -134,12 +138,23 @@ async fn serve(args: WorkerArgs) -> i32 {
         }
     }
 
+    let access_log = match settings.accesslog.clone().map(AccessLog::open).transpose() {
+        Ok(log) => log,
+        Err(e) => {
+            return boot_failed(
+                record,
+                &format!("cannot open the access log: {e}"),
+                &wake_master,
+            );
+        }
+    };
     let state = Arc::new(AppState::new(
         slot,
         engine.clone(),
         record,
         settings.clone(),
         Box::new(wake_master.clone()),
+        access_log,
     ));
     let connections = Arc::new(Connections::default());
     let cap = Arc::new(Semaphore::new(settings.worker_connections.max(1)));
@@ -166,6 +181,9 @@ async fn serve(args: WorkerArgs) -> i32 {
             _ = int.recv() => return quick_exit(&phase),
             _ = usr1.recv() => {
                 reopen_logs();
+                if let Some(log) = &state.access_log {
+                    log.reopen();
+                }
                 tracing::info!(slot, pid, "worker reopened log files");
             }
         }
@@ -399,11 +417,22 @@ async fn serve_connection<G: Send + 'static>(
     state: Arc<AppState>,
     guard: G,
 ) {
-    let service = TowerToHyperService::new(app);
     let builder = http1(&state.settings);
     let result = match stream {
-        Stream::Tcp(s) => builder.serve_connection(TokioIo::new(s), service).await,
-        Stream::Unix(s) => builder.serve_connection(TokioIo::new(s), service).await,
+        Stream::Tcp(s) => {
+            let peer = s.peer_addr().ok().map(|a| PeerAddr(a.ip().to_string()));
+            let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+                if let Some(peer) = &peer {
+                    request.extensions_mut().insert(peer.clone());
+                }
+                app.clone().oneshot(request)
+            });
+            builder.serve_connection(TokioIo::new(s), service).await
+        }
+        Stream::Unix(s) => {
+            let service = TowerToHyperService::new(app);
+            builder.serve_connection(TokioIo::new(s), service).await
+        }
     };
     if let Err(e) = result {
         tracing::debug!(slot = state.slot, error = %e, "connection ended with an error");

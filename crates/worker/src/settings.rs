@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use ferrocorn_query_core::EngineSettings;
 
+use crate::access_log::AccessLogTarget;
 use crate::query::QuerySettings;
 use crate::scoreboard::WorkerRecord;
 
@@ -32,6 +33,8 @@ pub struct WorkerSettings {
     pub limit_request_field_size: usize,
     /// Query limits and admission control.
     pub query: QuerySettings,
+    /// Where to write one line per request (`accesslog`); `None` for nowhere.
+    pub accesslog: Option<AccessLogTarget>,
 }
 
 /// A listening socket inherited from the master.

@@ -1,0 +1,182 @@
+//! The access log: one line per request, in the combined log format Gunicorn writes by default,
+//! followed by the duration and the request id.
+//!
+//! ```text
+//! 127.0.0.1 - - [28/Nov/2026:05:53:34 +0000] "GET /v1/datasets HTTP/1.1" 200 512 "-" "curl/8.5.0" 3ms 1a2b-7
+//! ```
+//!
+//! Each worker opens the file itself after the fork (`O_APPEND`, so lines from several workers
+//! never interleave) and reopens it on SIGUSR1, after logrotate has moved it.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Where access lines go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    Stdout,
+    File(PathBuf),
+}
+
+/// An open access log.
+#[derive(Debug)]
+pub struct AccessLog {
+    target: AccessLogTarget,
+    file: Mutex<Option<File>>,
+}
+
+impl AccessLog {
+    pub fn open(target: AccessLogTarget) -> io::Result<Self> {
+        let file = match &target {
+            AccessLogTarget::Stdout => None,
+            AccessLogTarget::File(path) => Some(open_append(path)?),
+        };
+        Ok(Self {
+            target,
+            file: Mutex::new(file),
+        })
+    }
+
+    /// Reopen the file at its path (after logrotate moved it).
+    pub fn reopen(&self) {
+        if let AccessLogTarget::File(path) = &self.target {
+            match open_append(path) {
+                Ok(file) => *self.file.lock().unwrap_or_else(|e| e.into_inner()) = Some(file),
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot reopen the access log")
+                }
+            }
+        }
+    }
+
+    /// Write one line (with one `write` call, so that lines of several processes do not mix).
+    pub fn write(&self, line: &str) {
+        let mut bytes = Vec::with_capacity(line.len() + 1);
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.push(b'\n');
+        let mut guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        // A full disk must not fail the request: the line is lost, the answer is not.
+        let _ = match guard.as_mut() {
+            Some(file) => file.write_all(&bytes),
+            None => io::stdout().lock().write_all(&bytes),
+        };
+    }
+}
+
+fn open_append(path: &PathBuf) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// What one access line says.
+#[derive(Debug)]
+pub struct AccessEntry<'a> {
+    pub peer: Option<&'a str>,
+    pub method: &'a str,
+    pub target: &'a str,
+    pub version: &'a str,
+    pub status: u16,
+    pub bytes: Option<u64>,
+    pub referer: Option<&'a str>,
+    pub user_agent: Option<&'a str>,
+    pub duration: Duration,
+    pub request_id: &'a str,
+}
+
+impl AccessEntry<'_> {
+    /// The line, at time `now`.
+    pub fn format(&self, now: SystemTime) -> String {
+        let quoted = |value: Option<&str>| value.map_or_else(|| "-".to_owned(), escape);
+        format!(
+            "{} - - [{}] \"{} {} {}\" {} {} \"{}\" \"{}\" {}ms {}",
+            self.peer.unwrap_or("-"),
+            clf_time(now),
+            self.method,
+            escape(self.target),
+            self.version,
+            self.status,
+            self.bytes.map_or_else(|| "-".to_owned(), |b| b.to_string()),
+            quoted(self.referer),
+            quoted(self.user_agent),
+            self.duration.as_millis(),
+            self.request_id,
+        )
+    }
+}
+
+/// Escape what would break the line apart or its quoting.
+fn escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `28/Nov/2026:05:53:34 +0000`, in UTC.
+fn clf_time(now: SystemTime) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let seconds = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (days, rest) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{day:02}/{}/{year}:{:02}:{:02}:{:02} +0000",
+        MONTHS[(month - 1) as usize],
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_is_common_log_format() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_845_214); // 2026-11-28T05:53:34Z
+        assert_eq!(clf_time(t), "28/Nov/2026:05:53:34 +0000");
+        assert_eq!(clf_time(UNIX_EPOCH), "01/Jan/1970:00:00:00 +0000");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(clf_time(leap), "29/Feb/2000:00:00:00 +0000");
+    }
+
+    #[test]
+    fn lines_are_combined_format_with_duration_and_id() {
+        let entry = AccessEntry {
+            peer: Some("127.0.0.1"),
+            method: "GET",
+            target: "/x?q=\"a\"",
+            version: "HTTP/1.1",
+            status: 200,
+            bytes: Some(12),
+            referer: None,
+            user_agent: Some("curl/8"),
+            duration: Duration::from_millis(3),
+            request_id: "ab-1",
+        };
+        let line = entry.format(UNIX_EPOCH);
+        assert_eq!(
+            line,
+            "127.0.0.1 - - [01/Jan/1970:00:00:00 +0000] \"GET /x?q=\\\"a\\\" HTTP/1.1\" 200 12 \"-\" \"curl/8\" 3ms ab-1"
+        );
+    }
+}
