@@ -666,7 +666,7 @@ pub fn render(raw: &RawConfig, origins: &Origins) -> String {
             .map_or_else(|| "default".to_owned(), ToString::to_string);
         match table.get(*key) {
             Some(value) => out.push_str(&format!("{key} = {value}  # {origin}\n")),
-            None => out.push_str(&format!("# {key} is not set  # {origin}\n")),
+            None => out.push_str(&format!("# {key} = (unset)  # {origin}\n")),
         }
     }
     out
