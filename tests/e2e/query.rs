@@ -786,6 +786,11 @@ fn streamed_results_report_rows_and_truncation_in_trailers() {
     );
     assert_eq!(response.trailer("x-result-truncated"), Some("true"));
     assert_eq!(response.trailer("x-result-rows"), Some("300000"));
+    assert!(
+        response
+            .trailer("server-timing")
+            .is_some_and(|t| t.contains("exec;dur=") && t.contains("encode;dur="))
+    );
     assert_eq!(
         response.body.iter().filter(|&&b| b == b'\n').count(),
         300_001

@@ -100,7 +100,7 @@ pub struct JsonResult {
 /// The result of a query, in the format chosen by `format` or `Accept`. `X-Result-Truncated` and
 /// `X-Result-Rows` are headers when the result fits in the first MiB and trailers otherwise (sent
 /// to clients that ask with `TE: trailers`); `Server-Timing` gives queue, execution and encoding
-/// times.
+/// times (for a streamed result: the queue time as a header, all three as a trailer).
 // Only the description is used: the encoders write the bytes, so no variant is ever built.
 #[allow(dead_code)]
 #[derive(Debug, ToResponse)]

@@ -420,7 +420,8 @@ async fn run_query(
         Duration::from_millis(ms).min(settings.max_query_time)
     });
 
-    let _permit = state.admission.admit().await?;
+    // Held until the last byte is sent (it moves into the streamed body).
+    let permit = state.admission.admit().await?;
     let queued = received.elapsed();
 
     let cancel = Arc::new(Cancel::default());
@@ -530,21 +531,21 @@ async fn run_query(
     }
 
     // Stream the rest. The guard and the admission permit travel with the body.
-    let permit = _permit;
     let timing = format!("queue;dur={:.1}", queued.as_secs_f64() * 1000.0);
     if let Ok(value) = HeaderValue::from_str(&timing) {
         response_headers.insert("server-timing", value);
     }
-    // Clients that send `TE: trailers` get the row count and the truncation flag at the end.
+    // Clients that send `TE: trailers` get the row count, the truncation flag and the full
+    // timing at the end.
     response_headers.insert(
         header::TRAILER,
-        HeaderValue::from_static("x-result-truncated, x-result-rows"),
+        HeaderValue::from_static("x-result-truncated, x-result-rows, server-timing"),
     );
     let held = Some((guard, permit, timer, cancel, format));
     let first = Some(Bytes::from(buffered));
     let stream = futures_util::stream::unfold(
         (rx, first, held),
-        |(mut rx, mut first, mut held)| async move {
+        move |(mut rx, mut first, mut held)| async move {
             type Item = Result<Frame<Bytes>, std::io::Error>;
             if let Some(bytes) = first.take() {
                 return Some((
@@ -558,9 +559,10 @@ async fn run_query(
                 Some(Chunk::Data(bytes)) => {
                     return Some((Ok(Frame::data(Bytes::from(bytes))), (rx, None, held)));
                 }
-                Some(Chunk::End { summary, .. }) => {
+                Some(Chunk::End { summary, encode }) => {
                     let mut trailers = HeaderMap::new();
-                    insert_result_counts(&mut trailers, summary);
+                    let exec = exec_started.elapsed().saturating_sub(encode);
+                    insert_result_headers(&mut trailers, summary, queued, exec, encode);
                     Ok(Frame::trailers(trailers))
                 }
                 Some(Chunk::Failed(e)) => {
@@ -586,14 +588,6 @@ async fn run_query(
     Ok((StatusCode::OK, response_headers, body).into_response())
 }
 
-fn insert_result_counts(headers: &mut HeaderMap, summary: Summary) {
-    headers.insert(
-        "x-result-truncated",
-        HeaderValue::from_static(if summary.truncated { "true" } else { "false" }),
-    );
-    headers.insert("x-result-rows", HeaderValue::from(summary.rows));
-}
-
 fn insert_result_headers(
     headers: &mut HeaderMap,
     summary: Summary,
@@ -601,7 +595,11 @@ fn insert_result_headers(
     exec: Duration,
     encode: Duration,
 ) {
-    insert_result_counts(headers, summary);
+    headers.insert(
+        "x-result-truncated",
+        HeaderValue::from_static(if summary.truncated { "true" } else { "false" }),
+    );
+    headers.insert("x-result-rows", HeaderValue::from(summary.rows));
     let timing = format!(
         "queue;dur={:.1}, exec;dur={:.1}, encode;dur={:.1}",
         queued.as_secs_f64() * 1000.0,
