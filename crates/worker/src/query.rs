@@ -29,7 +29,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::StreamBody;
 use hyper::body::Frame;
 use serde::Deserialize;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::http::AppState;
 use crate::openapi::{QueryErrors, QueryResult};
@@ -71,7 +71,7 @@ impl Admission {
         }
     }
 
-    async fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    async fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
         if let Ok(permit) = self.running.clone().try_acquire_owned() {
             return Ok(permit);
         }
@@ -323,13 +323,57 @@ impl Cancel {
     }
 }
 
-/// Interrupts the query if the response (future or body) is dropped before the end.
-struct CancelOnDrop(Arc<Cancel>);
+/// What a query holds while it runs: its admission slot, its deadline timer and its
+/// cancellation. Finishing it disarms the timer; dropping it unfinished (the response future or
+/// body was dropped: the client went away) interrupts the query.
+struct Running {
+    cancel: Arc<Cancel>,
+    timer: tokio::task::JoinHandle<()>,
+    _permit: OwnedSemaphorePermit,
+}
 
-impl Drop for CancelOnDrop {
+impl Running {
+    fn start(permit: OwnedSemaphorePermit, deadline: Duration) -> Self {
+        let cancel = Arc::new(Cancel::default());
+        let timer = {
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(deadline).await;
+                cancel.timed_out.store(true, Ordering::Release);
+                cancel.fire();
+            })
+        };
+        Self {
+            cancel,
+            timer,
+            _permit: permit,
+        }
+    }
+
+    /// The query is over: nothing is left to cancel.
+    fn finish(self) {
+        self.cancel.done.store(true, Ordering::Release);
+    }
+
+    /// The query failed: the error to answer (a timeout if the deadline interrupted it).
+    fn fail(self, error: QueryError) -> ApiError {
+        let answer = if matches!(error, QueryError::Interrupted)
+            && self.cancel.timed_out.load(Ordering::Acquire)
+        {
+            ApiError::QueryTimeout
+        } else {
+            ApiError::Query(error)
+        };
+        self.finish();
+        answer
+    }
+}
+
+impl Drop for Running {
     fn drop(&mut self) {
-        if !self.0.done.load(Ordering::Acquire) {
-            self.0.fire();
+        self.timer.abort();
+        if !self.cancel.done.load(Ordering::Acquire) {
+            self.cancel.fire();
         }
     }
 }
@@ -421,25 +465,14 @@ async fn run_query(
     });
 
     // Held until the last byte is sent (it moves into the streamed body).
-    let permit = state.admission.admit().await?;
+    let running = Running::start(state.admission.admit().await?, deadline);
     let queued = received.elapsed();
-
-    let cancel = Arc::new(Cancel::default());
-    let guard = CancelOnDrop(cancel.clone());
-    let timer = {
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(deadline).await;
-            cancel.timed_out.store(true, Ordering::Release);
-            cancel.fire();
-        })
-    };
     let (tx, mut rx) = mpsc::channel::<Chunk>(4);
     let engine = state.engine.clone();
     let sql = body.sql;
     let exec_started = Instant::now();
     {
-        let cancel = cancel.clone();
+        let cancel = running.cancel.clone();
         tokio::task::spawn_blocking(move || {
             let mut sink = ChannelSink {
                 format,
@@ -497,16 +530,8 @@ async fn run_query(
                 end = Some((summary, encode));
                 break;
             }
-            Some(Chunk::Failed(e)) => {
-                timer.abort();
-                cancel.done.store(true, Ordering::Release);
-                return Err(query_failure(e, &cancel));
-            }
-            None => {
-                timer.abort();
-                cancel.done.store(true, Ordering::Release);
-                return Err(query_failure(QueryError::Interrupted, &cancel));
-            }
+            Some(Chunk::Failed(e)) => return Err(running.fail(e)),
+            None => return Err(running.fail(QueryError::Interrupted)),
         }
     }
 
@@ -522,15 +547,14 @@ async fn run_query(
         );
     }
     if let Some((summary, encode)) = end {
-        timer.abort();
-        cancel.done.store(true, Ordering::Release);
-        drop(guard);
+        running.finish();
         let exec = exec_started.elapsed().saturating_sub(encode);
         insert_result_headers(&mut response_headers, summary, queued, exec, encode);
         return Ok((StatusCode::OK, response_headers, buffered).into_response());
     }
 
-    // Stream the rest. The guard and the admission permit travel with the body.
+    // Stream the rest: the running query (its slot, deadline and cancellation) travels with the
+    // body and ends with its last item.
     let timing = format!("queue;dur={:.1}", queued.as_secs_f64() * 1000.0);
     if let Ok(value) = HeaderValue::from_str(&timing) {
         response_headers.insert("server-timing", value);
@@ -541,32 +565,32 @@ async fn run_query(
         header::TRAILER,
         HeaderValue::from_static("x-result-truncated, x-result-rows, server-timing"),
     );
-    let held = Some((guard, permit, timer, cancel, format));
     let first = Some(Bytes::from(buffered));
     let stream = futures_util::stream::unfold(
-        (rx, first, held),
-        move |(mut rx, mut first, mut held)| async move {
+        (rx, first, Some(running)),
+        move |(mut rx, mut first, running)| async move {
             type Item = Result<Frame<Bytes>, std::io::Error>;
             if let Some(bytes) = first.take() {
                 return Some((
                     Ok::<_, std::io::Error>(Frame::data(bytes)),
-                    (rx, None, held),
+                    (rx, None, running),
                 ));
             }
-            let (_, _, _, cancel, format) = held.as_ref()?;
-            let format = *format;
+            let running = running?;
             let item: Item = match rx.recv().await {
                 Some(Chunk::Data(bytes)) => {
-                    return Some((Ok(Frame::data(Bytes::from(bytes))), (rx, None, held)));
+                    let frame = Frame::data(Bytes::from(bytes));
+                    return Some((Ok(frame), (rx, None, Some(running))));
                 }
                 Some(Chunk::End { summary, encode }) => {
+                    running.finish();
                     let mut trailers = HeaderMap::new();
                     let exec = exec_started.elapsed().saturating_sub(encode);
                     insert_result_headers(&mut trailers, summary, queued, exec, encode);
                     Ok(Frame::trailers(trailers))
                 }
                 Some(Chunk::Failed(e)) => {
-                    let problem = query_failure(e, cancel);
+                    let problem = running.fail(e);
                     tracing::warn!(error = %problem, "query failed after the response started");
                     if format == Format::Ndjson {
                         Ok(Frame::data(Bytes::from(ndjson_error_line(&problem))))
@@ -574,13 +598,11 @@ async fn run_query(
                         Err(std::io::Error::other(problem.to_string()))
                     }
                 }
-                None => Err(std::io::Error::other("query ended early")),
+                None => {
+                    running.finish();
+                    Err(std::io::Error::other("query ended early"))
+                }
             };
-            // The last item: the query is over, so nothing is left to cancel.
-            if let Some((_guard, _permit, timer, cancel, _)) = held.take() {
-                timer.abort();
-                cancel.done.store(true, Ordering::Release);
-            }
             Some((item, (rx, None, None)))
         },
     );
@@ -609,13 +631,6 @@ fn insert_result_headers(
     if let Ok(value) = HeaderValue::from_str(&timing) {
         headers.insert("server-timing", value);
     }
-}
-
-fn query_failure(error: QueryError, cancel: &Cancel) -> ApiError {
-    if matches!(error, QueryError::Interrupted) && cancel.timed_out.load(Ordering::Acquire) {
-        return ApiError::QueryTimeout;
-    }
-    ApiError::Query(error)
 }
 
 fn ndjson_error_line(error: &ApiError) -> Vec<u8> {
