@@ -4,25 +4,23 @@
 //! writes synchronously — no logging thread, per the fork rules — each event with one `write`
 //! call to an `O_APPEND` file, so lines from several processes do not interleave.
 
-use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::path::Path;
+use std::sync::OnceLock;
 
+use ferrocorn_worker::logfile::LogFile;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 
-static LOG_FILE: Mutex<Option<(PathBuf, File)>> = Mutex::new(None);
-
-fn open(path: &Path) -> io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
-}
+/// The error log file, when there is one (else standard error).
+static LOG_FILE: OnceLock<LogFile> = OnceLock::new();
 
 /// Install the global subscriber. `errorlog` of `None` logs to standard error.
 pub fn init(loglevel: &str, errorlog: Option<&Path>) -> io::Result<()> {
     if let Some(path) = errorlog {
-        let file = open(path)?;
-        *LOG_FILE.lock().unwrap_or_else(|e| e.into_inner()) = Some((path.to_owned(), file));
+        LOG_FILE
+            .set(LogFile::open(path)?)
+            .map_err(|_| io::Error::other("logging is already initialised"))?;
     }
     let filter = EnvFilter::try_from_env("FERROCORN_LOG")
         .unwrap_or_else(|_| EnvFilter::new(format!("{loglevel},hyper=warn,h2=warn")));
@@ -37,14 +35,11 @@ pub fn init(loglevel: &str, errorlog: Option<&Path>) -> io::Result<()> {
 
 /// Reopen the log file at its path (after logrotate moved it). Standard error needs nothing.
 pub fn reopen() {
-    let mut guard = LOG_FILE.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((path, file)) = guard.as_mut() {
-        match open(path) {
-            Ok(new) => *file = new,
-            Err(e) => {
-                let _ = writeln!(file, "ERROR cannot reopen log file {}: {e}", path.display());
-            }
-        }
+    if let Some(file) = LOG_FILE.get()
+        && let Err(e) = file.reopen()
+    {
+        // Still writing to the old file: say so there.
+        tracing::error!(path = %file.path().display(), error = %e, "cannot reopen the error log");
     }
 }
 
@@ -53,9 +48,8 @@ struct Sink;
 
 impl Write for Sink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut guard = LOG_FILE.lock().unwrap_or_else(|e| e.into_inner());
-        match guard.as_mut() {
-            Some((_, file)) => file.write(buf),
+        match LOG_FILE.get() {
+            Some(file) => file.append(buf).map(|()| buf.len()),
             None => io::stderr().write(buf),
         }
     }

@@ -8,11 +8,11 @@
 //! Each worker opens the file itself after the fork (`O_APPEND`, so lines from several workers
 //! never interleave) and reopens it on SIGUSR1, after logrotate has moved it.
 
-use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::logfile::LogFile;
 
 /// Where access lines go.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,51 +23,39 @@ pub enum AccessLogTarget {
 
 /// An open access log.
 #[derive(Debug)]
-pub struct AccessLog {
-    target: AccessLogTarget,
-    file: Mutex<Option<File>>,
+pub enum AccessLog {
+    Stdout,
+    File(LogFile),
 }
 
 impl AccessLog {
     pub fn open(target: AccessLogTarget) -> io::Result<Self> {
-        let file = match &target {
-            AccessLogTarget::Stdout => None,
-            AccessLogTarget::File(path) => Some(open_append(path)?),
-        };
-        Ok(Self {
-            target,
-            file: Mutex::new(file),
+        Ok(match target {
+            AccessLogTarget::Stdout => Self::Stdout,
+            AccessLogTarget::File(path) => Self::File(LogFile::open(&path)?),
         })
     }
 
     /// Reopen the file at its path (after logrotate moved it).
     pub fn reopen(&self) {
-        if let AccessLogTarget::File(path) = &self.target {
-            match open_append(path) {
-                Ok(file) => *self.file.lock().unwrap_or_else(|e| e.into_inner()) = Some(file),
-                Err(e) => {
-                    tracing::error!(path = %path.display(), error = %e, "cannot reopen the access log")
-                }
-            }
+        if let Self::File(file) = self
+            && let Err(e) = file.reopen()
+        {
+            tracing::error!(path = %file.path().display(), error = %e, "cannot reopen the access log");
         }
     }
 
-    /// Write one line (with one `write` call, so that lines of several processes do not mix).
+    /// Write one line.
     pub fn write(&self, line: &str) {
-        let mut bytes = Vec::with_capacity(line.len() + 1);
-        bytes.extend_from_slice(line.as_bytes());
-        bytes.push(b'\n');
-        let mut guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let mut record = Vec::with_capacity(line.len() + 1);
+        record.extend_from_slice(line.as_bytes());
+        record.push(b'\n');
         // A full disk must not fail the request: the line is lost, the answer is not.
-        let _ = match guard.as_mut() {
-            Some(file) => file.write_all(&bytes),
-            None => io::stdout().lock().write_all(&bytes),
+        let _ = match self {
+            Self::File(file) => file.append(&record),
+            Self::Stdout => io::stdout().lock().write_all(&record),
         };
     }
-}
-
-fn open_append(path: &PathBuf) -> io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
 }
 
 /// What one access line says.

@@ -11,6 +11,7 @@
 //! - [`server`]: the lifecycle (booting → ready → draining → exited), the accept loop with its
 //!   connection cap, per-connection hyper settings (keep-alive, header timeout, limits), drain.
 //! - [`access_log`]: one combined-format line per request, reopened on SIGUSR1.
+//! - [`logfile`]: append-only log files reopened on SIGUSR1 (error and access logs).
 //! - [`http`]: the router, the front-line middleware (request ids, request line and header
 //!   limits, request counting, `Connection: close` while draining) and the endpoints.
 //! - [`query`]: `/v1/query`: parsing, format negotiation, admission control, deadlines,
@@ -28,6 +29,7 @@
 
 pub mod access_log;
 pub mod http;
+pub mod logfile;
 pub mod openapi;
 pub mod problem;
 pub mod query;
