@@ -61,7 +61,7 @@ impl AccessLog {
 /// What one access line says.
 #[derive(Debug)]
 pub struct AccessEntry<'a> {
-    pub peer: Option<&'a str>,
+    pub peer: Option<std::net::IpAddr>,
     pub method: &'a str,
     pub target: &'a str,
     pub version: &'a str,
@@ -79,7 +79,8 @@ impl AccessEntry<'_> {
         let quoted = |value: Option<&str>| value.map_or_else(|| "-".to_owned(), escape);
         format!(
             "{} - - [{}] \"{} {} {}\" {} {} \"{}\" \"{}\" {}ms {}",
-            self.peer.unwrap_or("-"),
+            self.peer
+                .map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
             clf_time(now),
             self.method,
             escape(self.target),
@@ -150,7 +151,7 @@ mod tests {
     #[test]
     fn lines_are_combined_format_with_duration_and_id() {
         let entry = AccessEntry {
-            peer: Some("127.0.0.1"),
+            peer: Some(std::net::Ipv4Addr::LOCALHOST.into()),
             method: "GET",
             target: "/x?q=\"a\"",
             version: "HTTP/1.1",

@@ -176,7 +176,7 @@ async fn front_line(State(state): State<Arc<AppState>>, request: Request, next: 
             }
             if let (Some(log), Some(facts)) = (&state.access_log, &access) {
                 let entry = AccessEntry {
-                    peer: facts.peer.as_deref(),
+                    peer: facts.peer,
                     method: &facts.method,
                     target: &facts.target,
                     version: facts.version,
@@ -199,12 +199,12 @@ async fn front_line(State(state): State<Arc<AppState>>, request: Request, next: 
 }
 
 /// The peer's address, inserted into each request by the connection that carries it.
-#[derive(Clone, Debug)]
-pub struct PeerAddr(pub String);
+#[derive(Clone, Copy, Debug)]
+pub struct PeerAddr(pub std::net::IpAddr);
 
 /// The parts of a request its access line shows.
 struct RequestFacts {
-    peer: Option<String>,
+    peer: Option<std::net::IpAddr>,
     method: String,
     target: String,
     version: &'static str,
@@ -222,7 +222,7 @@ impl RequestFacts {
                 .map(str::to_owned)
         };
         Self {
-            peer: request.extensions().get::<PeerAddr>().map(|p| p.0.clone()),
+            peer: request.extensions().get::<PeerAddr>().map(|p| p.0),
             method: request.method().to_string(),
             target: request
                 .uri()

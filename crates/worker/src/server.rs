@@ -21,7 +21,6 @@ use ferrocorn_query_core::Engine;
 use hyper::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Notify, Semaphore, watch};
@@ -418,21 +417,22 @@ async fn serve_connection<G: Send + 'static>(
     guard: G,
 ) {
     let builder = http1(&state.settings);
+    // The peer's address only matters to the access log.
+    let peer = match &stream {
+        Stream::Tcp(s) if state.access_log.is_some() => {
+            s.peer_addr().ok().map(|a| PeerAddr(a.ip()))
+        }
+        _ => None,
+    };
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        if let Some(peer) = peer {
+            request.extensions_mut().insert(peer);
+        }
+        app.clone().oneshot(request)
+    });
     let result = match stream {
-        Stream::Tcp(s) => {
-            let peer = s.peer_addr().ok().map(|a| PeerAddr(a.ip().to_string()));
-            let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-                if let Some(peer) = &peer {
-                    request.extensions_mut().insert(peer.clone());
-                }
-                app.clone().oneshot(request)
-            });
-            builder.serve_connection(TokioIo::new(s), service).await
-        }
-        Stream::Unix(s) => {
-            let service = TowerToHyperService::new(app);
-            builder.serve_connection(TokioIo::new(s), service).await
-        }
+        Stream::Tcp(s) => builder.serve_connection(TokioIo::new(s), service).await,
+        Stream::Unix(s) => builder.serve_connection(TokioIo::new(s), service).await,
     };
     if let Err(e) = result {
         tracing::debug!(slot = state.slot, error = %e, "connection ended with an error");
