@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use serde_json::json;
 
-use crate::support::{Conn, Setup, encode, get, get_with, poll_until, post_json, post_raw};
+use crate::support::{
+    Conn, Setup, encode, get, get_with, poll_until, post_json, post_raw, query_in_background,
+};
 
 fn query(server: &crate::support::Server, body: serde_json::Value) -> crate::support::Response {
     post_json(server.addr(), "/v1/query", &body).expect("query")
@@ -408,14 +410,10 @@ fn term_lets_an_in_flight_query_finish_then_exits_zero() {
         .key("graceful_timeout", "30")
         .start();
     let addr = server.addr();
-    let client = std::thread::spawn(move || {
-        let response = post_json(
-            addr,
-            "/v1/query",
-            &json!({"sql": "SELECT sum(a.range * b.range) FROM range(40000) a, range(40000) b"}),
-        );
-        (response, Instant::now())
-    });
+    let client = query_in_background(
+        addr,
+        "SELECT sum(a.range * b.range) FROM range(40000) a, range(40000) b",
+    );
     // Let the request reach the worker before TERM.
     std::thread::sleep(Duration::from_millis(300));
     let term_sent = Instant::now();
@@ -836,14 +834,10 @@ fn a_dataset_replaced_mid_query_harms_nothing() {
     let data = setup.path("data");
     let server = setup.start();
     let addr = server.addr();
-    let slow = std::thread::spawn(move || {
-        let response = post_json(
-            addr,
-            "/v1/query",
-            &json!({"sql": "SELECT sum(o.amount * r.range) FROM orders o, range(40000) r"}),
-        );
-        (response, Instant::now())
-    });
+    let slow = query_in_background(
+        addr,
+        "SELECT sum(o.amount * r.range) FROM orders o, range(40000) r",
+    );
     // Replace the file while the query reads it (an atomic rename, as uploads should do).
     std::thread::sleep(Duration::from_millis(300));
     let staging = data.join(".orders.parquet.tmp");

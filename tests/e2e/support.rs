@@ -336,17 +336,11 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        field(&self.headers, name)
     }
 
     pub fn trailer(&self, name: &str) -> Option<&str> {
-        self.trailers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        field(&self.trailers, name)
     }
 
     pub fn json(&self) -> serde_json::Value {
@@ -357,6 +351,35 @@ impl Response {
     pub fn closes(&self) -> bool {
         self.header("connection")
             .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+    }
+}
+
+fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    fields
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// Read header (or trailer) fields up to the empty line that ends them.
+fn read_fields(reader: &mut impl BufRead, what: &str) -> io::Result<Vec<(String, String)>> {
+    let mut fields = Vec::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("eof in {what}"),
+            ));
+        }
+        let trimmed = line.trim_end();
+        if trimmed.is_empty() {
+            return Ok(fields);
+        }
+        if let Some((k, v)) = trimmed.split_once(':') {
+            fields.push((k.trim().to_owned(), v.trim().to_owned()));
+        }
     }
 }
 
@@ -379,23 +402,7 @@ pub fn read_response(reader: &mut impl BufRead) -> io::Result<Response> {
                 format!("bad status line {line:?}"),
             )
         })?;
-    let mut headers = Vec::new();
-    loop {
-        line.clear();
-        if reader.read_line(&mut line)? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "eof in headers",
-            ));
-        }
-        let trimmed = line.trim_end();
-        if trimmed.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = trimmed.split_once(':') {
-            headers.push((k.trim().to_owned(), v.trim().to_owned()));
-        }
-    }
+    let headers = read_fields(reader, "headers")?;
     let mut response = Response {
         status,
         headers,
@@ -418,25 +425,7 @@ pub fn read_response(reader: &mut impl BufRead) -> io::Result<Response> {
             let size = usize::from_str_radix(line.trim(), 16)
                 .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
             if size == 0 {
-                // Trailer fields, then the empty line that ends the body.
-                loop {
-                    line.clear();
-                    if reader.read_line(&mut line)? == 0 {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "eof in trailers",
-                        ));
-                    }
-                    let field = line.trim_end();
-                    if field.is_empty() {
-                        break;
-                    }
-                    if let Some((k, v)) = field.split_once(':') {
-                        response
-                            .trailers
-                            .push((k.trim().to_owned(), v.trim().to_owned()));
-                    }
-                }
+                response.trailers = read_fields(reader, "trailers")?;
                 break;
             }
             let mut chunk = vec![0; size + 2];
@@ -573,6 +562,16 @@ pub fn encode(text: &str) -> String {
         }
     }
     out
+}
+
+/// `POST /v1/query` with `sql` from another thread; the handle yields the response and the
+/// moment it arrived (to show what happened while the query ran).
+pub fn query_in_background(
+    addr: SocketAddr,
+    sql: &str,
+) -> std::thread::JoinHandle<(io::Result<Response>, Instant)> {
+    let body = serde_json::json!({ "sql": sql });
+    std::thread::spawn(move || (post_json(addr, "/v1/query", &body), Instant::now()))
 }
 
 /// One request on a fresh connection.
