@@ -84,13 +84,14 @@ pub fn scan(data_dir: &Path) -> Result<Vec<Dataset>, Error> {
         if file_name.starts_with('.') {
             continue;
         }
-        let (name, is_folder) = if file_type.is_dir() {
-            if !contains_parquet(&path) {
+        let (name, is_folder, found) = if file_type.is_dir() {
+            let found = parquet_files_under(&path);
+            if found.is_empty() {
                 continue;
             }
-            (file_name.to_owned(), true)
+            (file_name.to_owned(), true, found)
         } else if let Some(stem) = file_name.strip_suffix(".parquet") {
-            (stem.to_owned(), false)
+            (stem.to_owned(), false, vec![path.clone()])
         } else {
             continue;
         };
@@ -98,7 +99,7 @@ pub fn scan(data_dir: &Path) -> Result<Vec<Dataset>, Error> {
             tracing::warn!(path = %path.display(), "skipping dataset: name is not an identifier");
             continue;
         }
-        let (files, bytes, version) = fingerprint(data_dir, &path, is_folder);
+        let (files, bytes, version) = fingerprint(data_dir, found);
         datasets.push(Dataset {
             name,
             path,
@@ -112,28 +113,29 @@ pub fn scan(data_dir: &Path) -> Result<Vec<Dataset>, Error> {
     Ok(datasets)
 }
 
-/// The Parquet files of a dataset, their total size, and the version hash.
-fn fingerprint(data_dir: &Path, path: &Path, is_folder: bool) -> (Vec<String>, u64, String) {
-    use std::hash::{Hash, Hasher};
+/// The `.parquet` files at any depth under `dir`.
+fn parquet_files_under(dir: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
-    if is_folder {
-        let mut pending = vec![path.to_owned()];
-        while let Some(dir) = pending.pop() {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                let p = entry.path();
-                match entry.file_type() {
-                    Ok(t) if t.is_dir() => pending.push(p),
-                    Ok(_) if p.extension().is_some_and(|e| e == "parquet") => found.push(p),
-                    _ => {}
-                }
+    let mut pending = vec![dir.to_owned()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => pending.push(path),
+                Ok(_) if path.extension().is_some_and(|e| e == "parquet") => found.push(path),
+                _ => {}
             }
         }
-    } else {
-        found.push(path.to_owned());
     }
+    found
+}
+
+/// A dataset's files relative to the data directory, their total size, and the version hash.
+fn fingerprint(data_dir: &Path, found: Vec<PathBuf>) -> (Vec<String>, u64, String) {
+    use std::hash::{Hash, Hasher};
     let mut files: Vec<(String, u64, i128)> = found
         .into_iter()
         .filter_map(|p| {
@@ -157,31 +159,6 @@ fn fingerprint(data_dir: &Path, path: &Path, is_folder: bool) -> (Vec<String>, u
         bytes,
         version,
     )
-}
-
-/// Whether a folder holds at least one `.parquet` file at any depth (bounded, so a huge tree is
-/// not walked just to decide this).
-fn contains_parquet(dir: &Path) -> bool {
-    let mut pending = vec![dir.to_owned()];
-    let mut visited = 0usize;
-    while let Some(dir) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            visited += 1;
-            if visited > 100_000 {
-                return false;
-            }
-            let path = entry.path();
-            match entry.file_type() {
-                Ok(t) if t.is_dir() => pending.push(path),
-                Ok(_) if path.extension().is_some_and(|e| e == "parquet") => return true,
-                _ => {}
-            }
-        }
-    }
-    false
 }
 
 #[cfg(test)]
