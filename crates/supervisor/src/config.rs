@@ -403,11 +403,27 @@ fn require<T: Clone>(value: &Option<T>, key: &'static str) -> Result<T, ConfigEr
     value.clone().ok_or_else(|| invalid(key, "missing"))
 }
 
-fn in_range(key: &'static str, value: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
-    if value < min || value > max {
+fn in_range(
+    key: &'static str,
+    value: u64,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<u64, ConfigError> {
+    if !range.contains(&value) {
+        let (min, max) = range.into_inner();
         return Err(invalid(key, format!("{value} is outside {min}..={max}")));
     }
     Ok(value)
+}
+
+/// A required integer key within a range; errors name the key (its field name).
+macro_rules! ranged {
+    ($raw:ident . $key:ident, $range:expr) => {
+        in_range(
+            stringify!($key),
+            require(&$raw.$key, stringify!($key))?,
+            $range,
+        )
+    };
 }
 
 impl Config {
@@ -425,45 +441,15 @@ impl Config {
             }
             binds.push(addr);
         }
-        let workers = in_range(
-            "workers",
-            require(&raw.workers, "workers")?,
-            1,
-            MAX_WORKERS as u64,
-        )?;
-        let worker_connections = in_range(
-            "worker_connections",
-            require(&raw.worker_connections, "worker_connections")?,
-            1,
-            1_000_000,
-        )?;
-        let timeout = in_range("timeout", require(&raw.timeout, "timeout")?, 1, 86_400)?;
-        let graceful_timeout = in_range(
-            "graceful_timeout",
-            require(&raw.graceful_timeout, "graceful_timeout")?,
-            0,
-            86_400,
-        )?;
-        let keepalive = in_range("keepalive", require(&raw.keepalive, "keepalive")?, 0, 3600)?;
-        let backlog = in_range("backlog", require(&raw.backlog, "backlog")?, 1, 65_535)?;
-        let limit_request_line = in_range(
-            "limit_request_line",
-            require(&raw.limit_request_line, "limit_request_line")?,
-            64,
-            65_536,
-        )?;
-        let limit_request_fields = in_range(
-            "limit_request_fields",
-            require(&raw.limit_request_fields, "limit_request_fields")?,
-            1,
-            32_768,
-        )?;
-        let limit_request_field_size = in_range(
-            "limit_request_field_size",
-            require(&raw.limit_request_field_size, "limit_request_field_size")?,
-            64,
-            65_536,
-        )?;
+        let workers = ranged!(raw.workers, 1..=MAX_WORKERS as u64)?;
+        let worker_connections = ranged!(raw.worker_connections, 1..=1_000_000)?;
+        let timeout = ranged!(raw.timeout, 1..=86_400)?;
+        let graceful_timeout = ranged!(raw.graceful_timeout, 0..=86_400)?;
+        let keepalive = ranged!(raw.keepalive, 0..=3600)?;
+        let backlog = ranged!(raw.backlog, 1..=65_535)?;
+        let limit_request_line = ranged!(raw.limit_request_line, 64..=65_536)?;
+        let limit_request_fields = ranged!(raw.limit_request_fields, 1..=32_768)?;
+        let limit_request_field_size = ranged!(raw.limit_request_field_size, 64..=65_536)?;
 
         let data_dir = require(&raw.data_dir, "data_dir")?;
         let data_dir = absolute(&data_dir);
@@ -501,51 +487,21 @@ impl Config {
                 format!("{memory_text} leaves less than 16 MiB per worker"),
             ));
         }
-        let duckdb_threads = match in_range(
-            "duckdb_threads",
-            require(&raw.duckdb_threads, "duckdb_threads")?,
-            0,
-            1024,
-        )? {
+        let duckdb_threads = match ranged!(raw.duckdb_threads, 0..=1024)? {
             0 => None,
             n => Some(n as u32),
         };
-        let max_result_rows = in_range(
-            "max_result_rows",
-            require(&raw.max_result_rows, "max_result_rows")?,
-            1,
-            u64::MAX,
-        )?;
+        let max_result_rows = ranged!(raw.max_result_rows, 1..=u64::MAX)?;
         let body_text = require(&raw.max_body_size, "max_body_size")?;
         let max_body_bytes = parse_size(&body_text).map_err(|m| invalid("max_body_size", m))?;
-        let max_body_bytes = in_range("max_body_size", max_body_bytes, 1024, 1 << 30)? as usize;
-        let query_timeout_ms = in_range(
-            "query_timeout_ms",
-            require(&raw.query_timeout_ms, "query_timeout_ms")?,
-            1,
-            86_400_000,
-        )?;
-        let max_concurrent_queries = match in_range(
-            "max_concurrent_queries",
-            require(&raw.max_concurrent_queries, "max_concurrent_queries")?,
-            0,
-            1024,
-        )? {
+        let max_body_bytes = in_range("max_body_size", max_body_bytes, 1024..=1 << 30)? as usize;
+        let query_timeout_ms = ranged!(raw.query_timeout_ms, 1..=86_400_000)?;
+        let max_concurrent_queries = match ranged!(raw.max_concurrent_queries, 0..=1024)? {
             0 => None,
             n => Some(n as usize),
         };
-        let query_queue_depth = in_range(
-            "query_queue_depth",
-            require(&raw.query_queue_depth, "query_queue_depth")?,
-            0,
-            100_000,
-        )? as usize;
-        let query_queue_timeout_ms = in_range(
-            "query_queue_timeout_ms",
-            require(&raw.query_queue_timeout_ms, "query_queue_timeout_ms")?,
-            0,
-            600_000,
-        )?;
+        let query_queue_depth = ranged!(raw.query_queue_depth, 0..=100_000)? as usize;
+        let query_queue_timeout_ms = ranged!(raw.query_queue_timeout_ms, 0..=600_000)?;
         let loglevel = require(&raw.loglevel, "loglevel")?.to_ascii_lowercase();
         let loglevel = match loglevel.as_str() {
             "debug" | "info" | "error" | "trace" => loglevel,
