@@ -249,8 +249,12 @@ impl Drop for InFlight {
 
 fn check_limits(settings: &WorkerSettings, request: &Request) -> Result<(), ApiError> {
     // The request line is "METHOD SP target SP HTTP/1.1"; hyper has parsed it already.
-    let line_len =
-        request.method().as_str().len() + request.uri().to_string().len() + " HTTP/1.1".len() + 1;
+    let uri = request.uri();
+    // The target as sent: origin form (path and query), or absolute form with scheme and host.
+    let target_len = uri.scheme_str().map_or(0, |s| s.len() + "://".len())
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+    let line_len = request.method().as_str().len() + target_len + " HTTP/1.1".len() + 1;
     if line_len > settings.limit_request_line {
         return Err(ApiError::RequestLineTooLong {
             limit: settings.limit_request_line,
