@@ -760,10 +760,12 @@ fn an_error_after_the_first_byte_never_passes_for_a_complete_result() {
         csv.is_err(),
         "a CSV body cut by an error must not read as complete"
     );
+    let after = query(&server, json!({"sql": "SELECT 1"}));
     assert_eq!(
-        query(&server, json!({"sql": "SELECT 1"})).status,
+        after.status,
         200,
-        "the worker lives"
+        "the worker lives: {}",
+        String::from_utf8_lossy(&after.body)
     );
 }
 
@@ -820,10 +822,12 @@ fn huge_results_are_cut_and_memory_hungry_queries_fail_cleanly() {
         hungry.status,
         hungry.json()["code"]
     );
+    let after = query(&server, json!({"sql": "SELECT 1"}));
     assert_eq!(
-        query(&server, json!({"sql": "SELECT 1"})).status,
+        after.status,
         200,
-        "the worker lives"
+        "the worker lives: {}",
+        String::from_utf8_lossy(&after.body)
     );
     assert_eq!(server.workers().len(), 1);
 }

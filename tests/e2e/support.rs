@@ -65,6 +65,7 @@ impl Setup {
         set("workers", "2".to_owned());
         set("data_dir", toml_str(&dir.path().join("data")));
         set("temp_dir", toml_str(&dir.path().join("tmp")));
+        set("cache_dir", toml_str(&dir.path().join("cache")));
         set("duckdb_memory_limit", r#""512MB""#.to_owned());
         set("duckdb_threads", "1".to_owned());
         Self {

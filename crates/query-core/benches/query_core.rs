@@ -84,6 +84,7 @@ fn main() {
         temp_dir: temp,
         memory_limit_bytes: 2 << 30,
         threads: 1,
+        ..EngineSettings::default()
     })
     .expect("engine");
     let raw = Connection::open_in_memory().expect("duckdb");

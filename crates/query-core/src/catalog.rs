@@ -37,25 +37,30 @@ impl Dataset {
         }
     }
 
-    /// The `CREATE VIEW` statement that registers this dataset.
-    pub fn view_sql(&self) -> String {
-        let source = if self.is_folder {
+    /// The table expression that reads the dataset's Parquet files.
+    pub fn source_sql(&self) -> String {
+        if self.is_folder {
             format!(
                 "read_parquet({}, hive_partitioning = true, union_by_name = true)",
                 self.source_pattern()
             )
         } else {
             format!("read_parquet({})", self.source_pattern())
-        };
+        }
+    }
+
+    /// The `CREATE VIEW` statement that registers this dataset over its Parquet files.
+    pub fn view_sql(&self) -> String {
         format!(
-            "CREATE OR REPLACE VIEW \"{}\" AS SELECT * FROM {source}",
-            self.name
+            "CREATE OR REPLACE VIEW \"{}\" AS SELECT * FROM {}",
+            self.name,
+            self.source_sql()
         )
     }
 }
 
 /// A single-quoted SQL string literal.
-fn sql_string(value: &str) -> String {
+pub fn sql_string(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 

@@ -654,6 +654,7 @@ mod tests {
             temp_dir: temp.path().join("w"),
             memory_limit_bytes: 256 << 20,
             threads: 1,
+            ..EngineSettings::default()
         })
         .expect("engine");
         // A plain DuckDB connection with the same views gives the reference answer.

@@ -1,20 +1,41 @@
-//! Opening a worker's DuckDB instance.
+//! Opening a worker's DuckDB instance and serving the datasets from it.
 //!
 //! [`Engine::open`] builds an in-memory database and then locks it down, in the order DuckDB
 //! requires (settings that are frozen later must be set first):
 //!
 //! 1. at open: `threads`, `memory_limit`, extension autoload/autoinstall off;
-//! 2. `temp_directory` (the worker's own spill directory) and `parquet_metadata_cache`;
-//! 3. datasets registered as views (this reads Parquet footers, so it precedes the lock-down);
-//! 4. `allowed_directories` = the data directory and the temp directory;
+//! 2. `temp_directory` (the worker's own spill directory), `max_temp_directory_size` and
+//!    `parquet_metadata_cache`;
+//! 3. datasets registered (this reads Parquet footers and attaches snapshots, so it precedes the
+//!    lock-down);
+//! 4. `allowed_directories` = the data, temp and snapshot directories;
 //! 5. `enable_external_access = false` (only the allowed directories stay readable);
 //! 6. `lock_configuration = true` (no statement can undo 1–5).
 //!
 //! Then it proves the sandbox: reading a file outside the data directory must fail, or the
 //! engine refuses to open. A worker never reports ready with an open sandbox.
+//!
+//! # Datasets and snapshots
+//!
+//! Each dataset is a view named after it. In `parquet` storage the view reads the Parquet files.
+//! In `snapshot` storage (see [`crate::snapshot`]) it reads a DuckDB database file built from
+//! them, attached read-only. Until that file exists the view reads the Parquet files and this
+//! engine's builder thread (one per worker; the pool's build lock lets one build run at a time)
+//! builds it with a connection to this same instance, inside its memory limit. When a dataset's
+//! files change, the snapshot of the old version keeps serving until the new one is published;
+//! then the view moves to it at the next refresh, and the old file is detached once no query
+//! that started before the move is still running.
+//!
+//! # Connections
+//!
+//! Queries run on pooled connections to the instance, each with its own cache of prepared
+//! statements keyed by statement text, so a repeated statement is parsed, bound and planned once
+//! per connection (DuckDB re-binds it by itself when a view it reads changes).
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, mpsc};
 use std::time::{Duration, Instant};
 
 use duckdb::Connection;
@@ -22,10 +43,11 @@ use duckdb::Connection;
 use crate::Error;
 use crate::catalog::{self, Dataset};
 use crate::query::{Flow, Outcome, QueryError, QuerySpec, ResultSink};
+use crate::snapshot::{BuildError, Held, Plan, SnapshotDir, StorageSettings};
 use crate::sql::SqlCheckError;
 
 /// What a worker's DuckDB instance is given.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct EngineSettings {
     /// The Parquet data directory; the only directory queries may read.
     pub data_dir: PathBuf,
@@ -35,6 +57,11 @@ pub struct EngineSettings {
     pub memory_limit_bytes: u64,
     /// DuckDB's `threads` for this worker.
     pub threads: u32,
+    /// DuckDB's `max_temp_directory_size` for this worker; `None` keeps DuckDB's default (90 % of
+    /// the free disk space).
+    pub max_temp_bytes: Option<u64>,
+    /// Parquet views or snapshots, per dataset.
+    pub storage: StorageSettings,
 }
 
 /// A column of a dataset.
@@ -46,24 +73,72 @@ pub struct Column {
     pub sql_type: String,
 }
 
+/// What a dataset is served from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Storage {
+    /// A view over the Parquet files.
+    Parquet,
+    /// A snapshot file attached read-only.
+    Snapshot { file: PathBuf, bytes: u64 },
+}
+
 /// A registered dataset with what DuckDB knows of it.
 #[derive(Clone, Debug)]
 pub struct DatasetInfo {
+    /// The dataset as served: its version is the one queries see.
     pub dataset: Dataset,
     pub columns: Vec<Column>,
-    /// Rows according to the Parquet footers.
+    /// Rows according to the Parquet footers (or the snapshot).
     pub row_estimate: Option<u64>,
+    pub storage: Storage,
+    /// The version of the files whose snapshot is being built, when it is not the one served.
+    pub pending: Option<String>,
 }
+
+/// Prepared statements each pooled connection keeps, by statement text.
+const STATEMENT_CACHE: usize = 128;
+/// Idle connections kept for reuse.
+const POOL_SIZE: usize = 16;
+/// How often the builder thread looks for snapshot files no worker holds any more.
+const GC_INTERVAL: Duration = Duration::from_secs(5);
 
 /// One worker's DuckDB instance.
 #[derive(Debug)]
 pub struct Engine {
+    /// The connection that changes the catalogue (views, attachments).
     conn: Mutex<Connection>,
+    /// Idle query connections.
+    pool: Mutex<Vec<Connection>>,
     catalog: RwLock<Arc<Vec<DatasetInfo>>>,
+    snapshots: Snapshots,
     last_scan: Mutex<Instant>,
     data_dir: PathBuf,
     temp_dir: PathBuf,
     version: String,
+}
+
+/// The engine's snapshot state.
+#[derive(Debug)]
+struct Snapshots {
+    settings: StorageSettings,
+    dir: Option<SnapshotDir>,
+    /// What each snapshot-served dataset has attached.
+    attached: Mutex<HashMap<String, Attachment>>,
+    /// Attachments replaced or dropped, each with the generation that was current while it
+    /// served: it is detached once no query holds that generation.
+    retired: Mutex<Vec<(Attachment, Arc<()>)>>,
+    /// Held by every running query; replaced whenever an attachment retires.
+    generation: Mutex<Arc<()>>,
+    /// Snapshot files whose build failed: their dataset is served from Parquet instead.
+    failed: Arc<Mutex<HashSet<PathBuf>>>,
+    builder: Option<Builder>,
+    aliases: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Attachment {
+    alias: String,
+    _held: Held,
 }
 
 impl Engine {
@@ -87,6 +162,13 @@ impl Engine {
                 path: settings.temp_dir.clone(),
                 source,
             })?;
+        let snapshot_dir = match &settings.storage.snapshot_dir {
+            Some(dir) => Some(SnapshotDir::open(dir).map_err(|source| Error::SnapshotDir {
+                path: dir.clone(),
+                source,
+            })?),
+            None => None,
+        };
         let datasets = catalog::scan(&data_dir)?;
 
         let memory_limit = format!("{}MiB", (settings.memory_limit_bytes >> 20).max(16));
@@ -103,6 +185,16 @@ impl Engine {
             "temp_directory",
             &format!("SET temp_directory = {}", quote(&temp_dir)),
         )?;
+        if let Some(bytes) = settings.max_temp_bytes {
+            set(
+                &conn,
+                "max_temp_directory_size",
+                &format!(
+                    "SET max_temp_directory_size = '{}MiB'",
+                    (bytes >> 20).max(1)
+                ),
+            )?;
+        }
         // Parquet footers are parsed once per file version, not once per query. DuckDB validates
         // each entry against the file's modification time (and distrusts times under ten seconds
         // old), so a replaced file is never read through stale metadata.
@@ -111,38 +203,67 @@ impl Engine {
             "parquet_metadata_cache",
             "SET parquet_metadata_cache = true",
         )?;
-        let mut catalog = Vec::with_capacity(datasets.len());
-        for dataset in datasets {
-            catalog.push(register(&conn, dataset)?);
+        let mut allowed = vec![quote_dir(&data_dir), quote_dir(&temp_dir)];
+        if let Some(dir) = &snapshot_dir {
+            allowed.push(quote_dir(dir.path()));
         }
-        set(
-            &conn,
-            "allowed_directories",
-            &format!(
-                "SET allowed_directories = [{}, {}]",
-                quote_dir(&data_dir),
-                quote_dir(&temp_dir)
-            ),
-        )?;
-        set(
-            &conn,
-            "enable_external_access",
-            "SET enable_external_access = false",
-        )?;
-        set(&conn, "lock_configuration", "SET lock_configuration = true")?;
-
-        prove_sandbox(&conn, &data_dir)?;
         let version = conn
             .query_row("SELECT version()", [], |row| row.get::<_, String>(0))
             .map_err(Error::Query)?;
-        Ok(Self {
+        let failed = Arc::new(Mutex::new(HashSet::new()));
+        let builder = match &snapshot_dir {
+            Some(dir) => Some(Builder::start(
+                conn.try_clone().map_err(Error::Open)?,
+                BuilderContext {
+                    dir: dir.clone(),
+                    data_dir: data_dir.clone(),
+                    storage: settings.storage.clone(),
+                    duckdb_version: version.clone(),
+                    failed: failed.clone(),
+                },
+            )),
+            None => None,
+        };
+        let engine = Self {
             conn: Mutex::new(conn),
-            catalog: RwLock::new(Arc::new(catalog)),
+            pool: Mutex::new(Vec::new()),
+            catalog: RwLock::new(Arc::new(Vec::new())),
+            snapshots: Snapshots {
+                settings: settings.storage.clone(),
+                dir: snapshot_dir,
+                attached: Mutex::new(HashMap::new()),
+                retired: Mutex::new(Vec::new()),
+                generation: Mutex::new(Arc::new(())),
+                failed,
+                builder,
+                aliases: AtomicU64::new(0),
+            },
             last_scan: Mutex::new(Instant::now()),
             data_dir,
             temp_dir,
             version,
-        })
+        };
+        {
+            let conn = lock(&engine.conn);
+            let mut catalog = Vec::with_capacity(datasets.len());
+            for dataset in datasets {
+                catalog.push(engine.serve(&conn, dataset, None)?);
+            }
+            *engine.catalog.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(catalog);
+            set(
+                &conn,
+                "allowed_directories",
+                &format!("SET allowed_directories = [{}]", allowed.join(", ")),
+            )?;
+            set(
+                &conn,
+                "enable_external_access",
+                "SET enable_external_access = false",
+            )?;
+            set(&conn, "lock_configuration", "SET lock_configuration = true")?;
+            prove_sandbox(&conn, &engine.data_dir)?;
+        }
+        Ok(engine)
     }
 
     /// The registered datasets.
@@ -153,12 +274,18 @@ impl Engine {
             .clone()
     }
 
+    /// Whether [`Engine::refresh_if_due`] would rescan now.
+    pub fn refresh_due(&self, interval: Duration) -> bool {
+        lock(&self.last_scan).elapsed() >= interval
+    }
+
     /// Rescan the data directory if the last scan is older than `interval`: new datasets are
-    /// registered, changed ones re-registered, removed ones dropped. A dataset that cannot be
-    /// registered keeps its previous view and is logged. Returns whether anything changed.
+    /// registered, changed ones re-registered, removed ones dropped, finished snapshots attached
+    /// and drained ones detached. A dataset that cannot be registered keeps its previous view and
+    /// is logged. Returns whether the catalogue changed.
     pub fn refresh_if_due(&self, interval: Duration) -> bool {
         {
-            let mut last = self.last_scan.lock().unwrap_or_else(|e| e.into_inner());
+            let mut last = lock(&self.last_scan);
             if last.elapsed() < interval {
                 return false;
             }
@@ -174,27 +301,23 @@ impl Engine {
     }
 
     fn apply(&self, datasets: Vec<Dataset>) -> bool {
+        let conn = lock(&self.conn);
+        self.detach_drained(&conn);
         let current = self.catalog();
         let unchanged = datasets.len() == current.len()
             && datasets.iter().zip(current.iter()).all(|(new, old)| {
-                new.name == old.dataset.name && new.version == old.dataset.version
+                new.name == old.dataset.name
+                    && new.version == old.dataset.version
+                    && old.pending.is_none()
             });
         if unchanged {
             return false;
         }
-        let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         let mut next = Vec::with_capacity(datasets.len());
         for dataset in datasets {
             let old = current.iter().find(|d| d.dataset.name == dataset.name);
-            if let Some(old) = old.filter(|o| o.dataset.version == dataset.version) {
-                next.push(old.clone());
-                continue;
-            }
-            match register(&conn, dataset) {
-                Ok(info) => {
-                    tracing::info!(dataset = %info.dataset.name, version = %info.dataset.version, "dataset registered");
-                    next.push(info);
-                }
+            match self.serve(&conn, dataset, old) {
+                Ok(info) => next.push(info),
                 Err(e) => {
                     tracing::warn!(error = %crate::error::chain(&e), "dataset not refreshed");
                     if let Some(old) = old {
@@ -209,21 +332,205 @@ impl Engine {
         {
             let sql = format!("DROP VIEW IF EXISTS \"{}\"", gone.dataset.name);
             if conn.execute_batch(&sql).is_ok() {
+                self.retire(&gone.dataset.name);
                 tracing::info!(dataset = %gone.dataset.name, "dataset removed");
             }
         }
+        let changed = next.len() != current.len()
+            || next.iter().zip(current.iter()).any(|(n, o)| {
+                n.dataset.version != o.dataset.version
+                    || n.storage != o.storage
+                    || n.pending != o.pending
+            });
         *self.catalog.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
-        true
+        changed
+    }
+
+    /// Decide what serves `dataset` now, given what served it before (`old`), and make the view
+    /// say so.
+    fn serve(
+        &self,
+        conn: &Connection,
+        dataset: Dataset,
+        old: Option<&DatasetInfo>,
+    ) -> Result<DatasetInfo, Error> {
+        let snapshots = &self.snapshots;
+        let (dir, sort_key) = match (&snapshots.dir, snapshots.settings.plan(&dataset)) {
+            (Some(dir), Plan::Snapshot { sort_key }) => (dir, sort_key),
+            _ => return self.serve_parquet(conn, dataset, old, None),
+        };
+        let target = dir.target(&dataset, sort_key.as_deref(), &self.version);
+        if let Some(old) = old
+            && matches!(&old.storage, Storage::Snapshot { file, .. } if *file == target)
+        {
+            return Ok(DatasetInfo {
+                pending: None,
+                ..old.clone()
+            });
+        }
+        if lock(&snapshots.failed).contains(&target) {
+            return self.serve_parquet(conn, dataset, old, None);
+        }
+        if let Some(held) = dir.hold(&target) {
+            let info = self.attach(conn, dataset, held)?;
+            tracing::info!(dataset = %info.dataset.name, version = %info.dataset.version, "serving snapshot");
+            return Ok(info);
+        }
+        if let Some(builder) = &snapshots.builder {
+            builder.request(BuildJob {
+                dataset: dataset.clone(),
+                sort_key,
+                target,
+            });
+        }
+        match old {
+            // The old snapshot keeps serving while the new one is built.
+            Some(old) if matches!(old.storage, Storage::Snapshot { .. }) => Ok(DatasetInfo {
+                pending: Some(dataset.version),
+                ..old.clone()
+            }),
+            _ => {
+                let pending = Some(dataset.version.clone());
+                self.serve_parquet(conn, dataset, old, pending)
+            }
+        }
+    }
+
+    fn serve_parquet(
+        &self,
+        conn: &Connection,
+        dataset: Dataset,
+        old: Option<&DatasetInfo>,
+        pending: Option<String>,
+    ) -> Result<DatasetInfo, Error> {
+        if let Some(old) = old
+            && old.storage == Storage::Parquet
+            && old.dataset.version == dataset.version
+        {
+            return Ok(DatasetInfo {
+                pending,
+                ..old.clone()
+            });
+        }
+        let info = register(conn, dataset, pending)?;
+        self.retire(&info.dataset.name);
+        tracing::info!(dataset = %info.dataset.name, version = %info.dataset.version, "dataset registered");
+        Ok(info)
+    }
+
+    /// Attach a published snapshot and point the dataset's view at it.
+    fn attach(
+        &self,
+        conn: &Connection,
+        dataset: Dataset,
+        held: Held,
+    ) -> Result<DatasetInfo, Error> {
+        let n = self.snapshots.aliases.fetch_add(1, Ordering::Relaxed);
+        let alias = format!("ferrocorn_snapshot_{n}");
+        let failed = |source| Error::Dataset {
+            dataset: dataset.name.clone(),
+            path: held.path.clone(),
+            source,
+        };
+        conn.execute_batch(&format!(
+            "ATTACH {} AS \"{alias}\" (READ_ONLY)",
+            quote(&held.path)
+        ))
+        .map_err(failed)?;
+        let table = format!("\"{alias}\".main.data");
+        let described = conn
+            .execute_batch(&format!(
+                "CREATE OR REPLACE VIEW \"{}\" AS SELECT * FROM {table}",
+                dataset.name
+            ))
+            .and_then(|()| describe(conn, &dataset.name))
+            .and_then(|columns| {
+                let rows = conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| {
+                    r.get::<_, i64>(0)
+                })?;
+                Ok((columns, rows))
+            });
+        let (columns, rows) = match described {
+            Ok(found) => found,
+            Err(e) => {
+                let _ = conn.execute_batch(&format!("DETACH DATABASE IF EXISTS \"{alias}\""));
+                return Err(failed(e));
+            }
+        };
+        let info = DatasetInfo {
+            storage: Storage::Snapshot {
+                file: held.path.clone(),
+                bytes: held.bytes,
+            },
+            dataset,
+            columns,
+            row_estimate: u64::try_from(rows).ok(),
+            pending: None,
+        };
+        let previous = lock(&self.snapshots.attached)
+            .insert(info.dataset.name.clone(), Attachment { alias, _held: held });
+        if let Some(previous) = previous {
+            self.retire_attachment(previous);
+        }
+        Ok(info)
+    }
+
+    /// The dataset no longer reads its attachment (if it had one): detach it once drained.
+    fn retire(&self, name: &str) {
+        let previous = lock(&self.snapshots.attached).remove(name);
+        if let Some(previous) = previous {
+            self.retire_attachment(previous);
+        }
+    }
+
+    fn retire_attachment(&self, attachment: Attachment) {
+        let generation = std::mem::replace(&mut *lock(&self.snapshots.generation), Arc::new(()));
+        lock(&self.snapshots.retired).push((attachment, generation));
+    }
+
+    /// Detach retired snapshots that no running query can still be reading.
+    fn detach_drained(&self, conn: &Connection) {
+        lock(&self.snapshots.retired).retain(|(attachment, generation)| {
+            if Arc::strong_count(generation) > 1 {
+                return true;
+            }
+            let sql = format!("DETACH DATABASE IF EXISTS \"{}\"", attachment.alias);
+            if let Err(e) = conn.execute_batch(&sql) {
+                tracing::warn!(alias = %attachment.alias, error = %e, "cannot detach snapshot");
+                return true;
+            }
+            false
+        });
     }
 
     /// Ask DuckDB to answer `SELECT 1` (readiness).
     pub fn ping(&self) -> Result<(), Error> {
-        let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let conn = lock(&self.conn);
         let one: i32 = conn
             .query_row("SELECT 1", [], |row| row.get(0))
             .map_err(Error::Query)?;
         debug_assert_eq!(one, 1);
         Ok(())
+    }
+
+    /// A connection for one query: an idle pooled one (with its prepared statements) or a new
+    /// one.
+    fn checkout(&self) -> Result<Pooled<'_>, QueryError> {
+        let idle = lock(&self.pool).pop();
+        let conn = match idle {
+            Some(conn) => conn,
+            None => {
+                let conn = lock(&self.conn)
+                    .try_clone()
+                    .map_err(QueryError::from_duckdb)?;
+                conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+                conn
+            }
+        };
+        Ok(Pooled {
+            conn: Some(conn),
+            pool: &self.pool,
+        })
     }
 
     /// Run one query, streaming its result into `sink`. Blocks: call it from a thread that may
@@ -237,12 +544,10 @@ impl Engine {
         sink: &mut dyn ResultSink,
     ) -> Result<Outcome, QueryError> {
         let checked = crate::sql::check(spec.sql);
-        let conn = self
-            .conn
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .try_clone()
-            .map_err(QueryError::from_duckdb)?;
+        // Snapshots this query may read stay attached until it ends.
+        let _generation = lock(&self.snapshots.generation).clone();
+        let pooled = self.checkout()?;
+        let conn = pooled.conn();
         let sql = match checked {
             Ok(sql) => sql,
             Err(SqlCheckError::Unrecognized(word)) => {
@@ -255,7 +560,7 @@ impl Engine {
             Err(other) => return Err(other.into()),
         };
         sink.started(conn.interrupt_handle());
-        let mut statement = conn.prepare(sql).map_err(QueryError::from_duckdb)?;
+        let mut statement = conn.prepare_cached(sql).map_err(QueryError::from_duckdb)?;
         let names: Vec<String> = (1..=statement.parameter_count())
             .map(|i| {
                 statement
@@ -264,45 +569,14 @@ impl Engine {
             })
             .collect();
         let values = spec.params.bind_order(&names)?;
-        let mut stream = statement
-            .stream_arrow(duckdb::params_from_iter(values))
-            .map_err(QueryError::from_duckdb)?;
-        let mut outcome = Outcome {
-            rows: 0,
-            truncated: false,
-            stopped: false,
-        };
-        if sink.schema(stream.get_schema()) == Flow::Stop {
-            outcome.stopped = true;
-            return Ok(outcome);
+        let streamed = stream_into(&mut statement, values, spec.max_rows, sink);
+        // A result that was not read to its end stays open inside the statement, and DuckDB
+        // refuses any other statement on the connection while it is: such a statement is
+        // dropped (closing its result) instead of going back to the cache.
+        if !matches!(streamed, Ok((_, true))) {
+            statement.discard();
         }
-        for batch in stream.by_ref() {
-            let batch = batch.map_err(QueryError::from_duckdb)?;
-            if batch.num_rows() == 0 {
-                continue;
-            }
-            let remaining = spec.max_rows.saturating_sub(outcome.rows);
-            if remaining == 0 {
-                // One more row exists beyond the cap: the result is cut, and says so.
-                outcome.truncated = true;
-                break;
-            }
-            let batch = if batch.num_rows() as u64 > remaining {
-                outcome.truncated = true;
-                batch.slice(0, remaining as usize)
-            } else {
-                batch
-            };
-            outcome.rows += batch.num_rows() as u64;
-            if sink.batch(batch) == Flow::Stop {
-                outcome.stopped = true;
-                break;
-            }
-            if outcome.truncated {
-                break;
-            }
-        }
-        Ok(outcome)
+        streamed.map(|(outcome, _)| outcome)
     }
 
     /// How many datasets are registered.
@@ -318,6 +592,9 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
+        if let Some(builder) = self.snapshots.builder.take() {
+            builder.stop();
+        }
         if let Err(e) = std::fs::remove_dir_all(&self.temp_dir)
             && e.kind() != std::io::ErrorKind::NotFound
         {
@@ -326,21 +603,225 @@ impl Drop for Engine {
     }
 }
 
-/// Create (or replace) a dataset's view and read its columns and row estimate.
-fn register(conn: &Connection, dataset: Dataset) -> Result<DatasetInfo, Error> {
-    let failed = |source| Error::Dataset {
-        dataset: dataset.name.clone(),
-        path: dataset.path.clone(),
-        source,
+/// Execute a prepared statement and pass its batches to `sink`, cutting the result at
+/// `max_rows`. Returns how it ended and whether the result was read to its end.
+fn stream_into(
+    statement: &mut duckdb::Statement<'_>,
+    values: Vec<duckdb::types::Value>,
+    max_rows: u64,
+    sink: &mut dyn ResultSink,
+) -> Result<(Outcome, bool), QueryError> {
+    let mut stream = statement
+        .stream_arrow(duckdb::params_from_iter(values))
+        .map_err(QueryError::from_duckdb)?;
+    let mut outcome = Outcome {
+        rows: 0,
+        truncated: false,
+        stopped: false,
     };
-    conn.execute_batch(&dataset.view_sql()).map_err(failed)?;
-    let mut statement = conn
-        .prepare(&format!(
-            "SELECT column_name, column_type FROM (DESCRIBE \"{}\")",
-            dataset.name
-        ))
-        .map_err(failed)?;
-    let columns = statement
+    if sink.schema(stream.get_schema()) == Flow::Stop {
+        outcome.stopped = true;
+        return Ok((outcome, false));
+    }
+    let mut drained = true;
+    for batch in stream.by_ref() {
+        let batch = batch.map_err(QueryError::from_duckdb)?;
+        if batch.num_rows() == 0 {
+            continue;
+        }
+        let remaining = max_rows.saturating_sub(outcome.rows);
+        if remaining == 0 {
+            // One more row exists beyond the cap: the result is cut, and says so.
+            outcome.truncated = true;
+            drained = false;
+            break;
+        }
+        let batch = if batch.num_rows() as u64 > remaining {
+            outcome.truncated = true;
+            batch.slice(0, remaining as usize)
+        } else {
+            batch
+        };
+        outcome.rows += batch.num_rows() as u64;
+        if sink.batch(batch) == Flow::Stop {
+            outcome.stopped = true;
+            drained = false;
+            break;
+        }
+        if outcome.truncated {
+            drained = false;
+            break;
+        }
+    }
+    Ok((outcome, drained))
+}
+
+/// A pooled connection, back to the pool when dropped.
+struct Pooled<'a> {
+    conn: Option<Connection>,
+    pool: &'a Mutex<Vec<Connection>>,
+}
+
+impl Pooled<'_> {
+    fn conn(&self) -> &Connection {
+        self.conn.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for Pooled<'_> {
+    fn drop(&mut self) {
+        let mut pool = lock(self.pool);
+        if pool.len() < POOL_SIZE
+            && let Some(conn) = self.conn.take()
+        {
+            pool.push(conn);
+        }
+    }
+}
+
+/// A snapshot to build.
+#[derive(Debug)]
+struct BuildJob {
+    dataset: Dataset,
+    sort_key: Option<String>,
+    target: PathBuf,
+}
+
+/// What the builder thread needs besides its connection.
+#[derive(Debug)]
+struct BuilderContext {
+    dir: SnapshotDir,
+    data_dir: PathBuf,
+    storage: StorageSettings,
+    duckdb_version: String,
+    failed: Arc<Mutex<HashSet<PathBuf>>>,
+}
+
+impl BuilderContext {
+    /// The snapshot every dataset of a fresh scan should be served from.
+    fn targets(&self) -> Option<HashSet<PathBuf>> {
+        let datasets = catalog::scan(&self.data_dir).ok()?;
+        Some(
+            datasets
+                .iter()
+                .filter_map(|d| match self.storage.plan(d) {
+                    Plan::Snapshot { sort_key } => Some(self.dir.target(
+                        d,
+                        sort_key.as_deref(),
+                        &self.duckdb_version,
+                    )),
+                    Plan::Parquet => None,
+                })
+                .collect(),
+        )
+    }
+
+    fn build(&self, conn: &Connection, job: &BuildJob) {
+        let started = Instant::now();
+        let name = &job.dataset.name;
+        match self.dir.build(
+            conn,
+            &self.data_dir,
+            &job.dataset,
+            job.sort_key.as_deref(),
+            &job.target,
+        ) {
+            Ok(true) => tracing::info!(
+                dataset = %name,
+                version = %job.dataset.version,
+                seconds = started.elapsed().as_secs_f64(),
+                bytes = std::fs::metadata(&job.target).map_or(0, |m| m.len()),
+                "snapshot built"
+            ),
+            Ok(false) | Err(BuildError::Busy | BuildError::Changed) => {}
+            Err(e) => {
+                tracing::warn!(dataset = %name, error = %crate::error::chain(&e), "snapshot build failed; serving Parquet");
+                lock(&self.failed).insert(job.target.clone());
+            }
+        }
+    }
+}
+
+/// The worker's snapshot builder: a thread that builds requested snapshots one at a time and
+/// collects unused ones.
+struct Builder {
+    jobs: Mutex<Option<mpsc::Sender<BuildJob>>>,
+    /// Targets requested and not yet attempted, so a job is queued once.
+    queued: Arc<Mutex<HashSet<PathBuf>>>,
+    interrupt: Arc<duckdb::InterruptHandle>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("queued", &self.queued)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Builder {
+    fn start(conn: Connection, context: BuilderContext) -> Self {
+        let (tx, rx) = mpsc::channel::<BuildJob>();
+        let queued = Arc::new(Mutex::new(HashSet::new()));
+        let interrupt = conn.interrupt_handle();
+        let thread = {
+            let queued = queued.clone();
+            std::thread::Builder::new()
+                .name("snapshot-builder".into())
+                .spawn(move || {
+                    loop {
+                        match rx.recv_timeout(GC_INTERVAL) {
+                            Ok(job) => {
+                                context.build(&conn, &job);
+                                lock(&queued).remove(&job.target);
+                            }
+                            Err(mpsc::RecvTimeoutError::Timeout) => {}
+                            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                        }
+                        for path in context.dir.collect_garbage(|| context.targets()) {
+                            tracing::info!(path = %path.display(), "snapshot file removed");
+                        }
+                    }
+                })
+                .ok()
+        };
+        Self {
+            jobs: Mutex::new(Some(tx)),
+            queued,
+            interrupt,
+            thread,
+        }
+    }
+
+    fn request(&self, job: BuildJob) {
+        if !lock(&self.queued).insert(job.target.clone()) {
+            return;
+        }
+        if let Some(jobs) = lock(&self.jobs).as_ref() {
+            let _ = jobs.send(job);
+        }
+    }
+
+    /// Interrupt a build in progress and wait for the thread to end.
+    fn stop(mut self) {
+        lock(&self.jobs).take();
+        self.interrupt.interrupt();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn describe(conn: &Connection, name: &str) -> duckdb::Result<Vec<Column>> {
+    let mut statement = conn.prepare(&format!(
+        "SELECT column_name, column_type FROM (DESCRIBE \"{name}\")"
+    ))?;
+    statement
         .query_map([], |row| {
             Ok(Column {
                 name: row.get(0)?,
@@ -348,7 +829,21 @@ fn register(conn: &Connection, dataset: Dataset) -> Result<DatasetInfo, Error> {
             })
         })
         .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-        .map_err(failed)?;
+}
+
+/// Create (or replace) a dataset's Parquet view and read its columns and row estimate.
+fn register(
+    conn: &Connection,
+    dataset: Dataset,
+    pending: Option<String>,
+) -> Result<DatasetInfo, Error> {
+    let failed = |source| Error::Dataset {
+        dataset: dataset.name.clone(),
+        path: dataset.path.clone(),
+        source,
+    };
+    conn.execute_batch(&dataset.view_sql()).map_err(failed)?;
+    let columns = describe(conn, &dataset.name).map_err(failed)?;
     let row_estimate = conn
         .query_row(
             &format!(
@@ -365,6 +860,8 @@ fn register(conn: &Connection, dataset: Dataset) -> Result<DatasetInfo, Error> {
         dataset,
         columns,
         row_estimate,
+        storage: Storage::Parquet,
+        pending,
     })
 }
 
@@ -412,6 +909,7 @@ mod tests {
             temp_dir: temp.join("worker-0"),
             memory_limit_bytes: 256 << 20,
             threads: 1,
+            ..EngineSettings::default()
         }
     }
 

@@ -10,6 +10,7 @@
 //! - [`sql`]: the statement check (one read-only statement, decided before DuckDB sees it).
 //! - [`query`]: parameters, running a query into a [`ResultSink`], classifying DuckDB's errors.
 //! - [`encode`]: the result formats (JSON, NDJSON, CSV, Arrow IPC stream, Parquet).
+//! - [`snapshot`]: datasets loaded once into DuckDB files that every worker attaches read-only.
 //! - [`catalog`]: the datasets of the data directory (`NAME.parquet` files and `NAME/` folders of
 //!   Parquet files) registered as views.
 //! - [`error`]: the crate's [`Error`] type, with the path or dataset it concerns.
@@ -24,6 +25,7 @@
 //!     temp_dir: "/tmp/ferrocorn-worker-0".into(),
 //!     memory_limit_bytes: 512 << 20,
 //!     threads: 1,
+//!     ..EngineSettings::default()
 //! };
 //! let engine = Engine::open(&settings)?;
 //! engine.ping()?;
@@ -35,13 +37,15 @@ pub mod encode;
 pub mod engine;
 pub mod error;
 pub mod query;
+pub mod snapshot;
 pub mod sql;
 
 pub use arrow;
 pub use catalog::Dataset;
 pub use duckdb::InterruptHandle;
 pub use encode::{Encoder, Format, Summary};
-pub use engine::{Column, DatasetInfo, Engine, EngineSettings};
+pub use engine::{Column, DatasetInfo, Engine, EngineSettings, Storage};
 pub use error::Error;
 pub use query::{Flow, Outcome, ParamError, ParamValue, Params, QueryError, QuerySpec, ResultSink};
+pub use snapshot::{DatasetOptions, StorageMode, StorageSettings};
 pub use sql::SqlCheckError;

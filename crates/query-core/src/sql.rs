@@ -54,12 +54,21 @@ enum Token {
 /// Split `sql` into tokens, skipping comments and the contents of literals. Each token comes
 /// with the byte offset where it starts.
 fn tokenize(sql: &str) -> Result<Vec<(Token, usize)>, SqlCheckError> {
+    Ok(tokenize_spans(sql)?
+        .into_iter()
+        .map(|(token, start, _)| (token, start))
+        .collect())
+}
+
+/// [`tokenize`], with the byte offset where each token ends.
+fn tokenize_spans(sql: &str) -> Result<Vec<(Token, usize, usize)>, SqlCheckError> {
     let indexed: Vec<(usize, char)> = sql.char_indices().collect();
     let chars: Vec<char> = indexed.iter().map(|&(_, c)| c).collect();
     let offset = |i: usize| indexed.get(i).map_or(sql.len(), |&(o, _)| o);
-    let mut tokens: Vec<(Token, usize)> = Vec::new();
+    let mut tokens: Vec<(Token, usize, usize)> = Vec::new();
     let mut i = 0;
     while i < chars.len() {
+        let pushed = tokens.len();
         let c = chars[i];
         let next = chars.get(i + 1).copied();
         match c {
@@ -95,11 +104,11 @@ fn tokenize(sql: &str) -> Result<Vec<(Token, usize)>, SqlCheckError> {
                     && i > 0
                     && matches!(chars[i - 1], 'e' | 'E')
                     && (i < 2 || !is_word_char(chars[i - 2]));
-                tokens.push((Token::Other, offset(i)));
+                tokens.push((Token::Other, offset(i), 0));
                 i = skip_quoted(&chars, i, c, escapes)?;
             }
             '$' => {
-                tokens.push((Token::Other, offset(i)));
+                tokens.push((Token::Other, offset(i), 0));
                 if let Some(end) = dollar_quote_end(&chars, i)? {
                     i = end;
                 } else {
@@ -111,19 +120,19 @@ fn tokenize(sql: &str) -> Result<Vec<(Token, usize)>, SqlCheckError> {
                 }
             }
             '(' => {
-                tokens.push((Token::Open, offset(i)));
+                tokens.push((Token::Open, offset(i), 0));
                 i += 1;
             }
             ')' => {
-                tokens.push((Token::Close, offset(i)));
+                tokens.push((Token::Close, offset(i), 0));
                 i += 1;
             }
             ';' => {
-                tokens.push((Token::Semicolon, offset(i)));
+                tokens.push((Token::Semicolon, offset(i), 0));
                 i += 1;
             }
             ',' => {
-                tokens.push((Token::Comma, offset(i)));
+                tokens.push((Token::Comma, offset(i), 0));
                 i += 1;
             }
             _ if is_word_start(c) => {
@@ -136,12 +145,17 @@ fn tokenize(sql: &str) -> Result<Vec<(Token, usize)>, SqlCheckError> {
                     // The E of an escape string; the literal follows.
                     continue;
                 }
-                tokens.push((Token::Word(word.to_ascii_uppercase()), offset(start)));
+                tokens.push((Token::Word(word.to_ascii_uppercase()), offset(start), 0));
             }
             _ => {
-                tokens.push((Token::Other, offset(i)));
+                tokens.push((Token::Other, offset(i), 0));
                 i += 1;
             }
+        }
+        if tokens.len() > pushed
+            && let Some(last) = tokens.last_mut()
+        {
+            last.2 = offset(i);
         }
     }
     Ok(tokens)
@@ -400,6 +414,106 @@ fn skip_group(tokens: &[Token], open: usize) -> Result<usize, SqlCheckError> {
     Err(SqlCheckError::Unterminated("parenthesis"))
 }
 
+/// What the result cache needs to know of a statement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheProfile {
+    /// The statement with comments and runs of white space collapsed to one space: two texts
+    /// with the same normal form are the same statement to DuckDB.
+    pub normalised: String,
+    /// Every bare word and quoted identifier, lower-cased: the datasets it may read are among
+    /// them.
+    pub names: Vec<String>,
+}
+
+/// Functions whose result changes from one call to the next, or that read something other than
+/// the datasets (files, the catalogue, settings): a statement that names one is never cached.
+const UNCACHEABLE_WORDS: &[&str] = &[
+    "random",
+    "setseed",
+    "uuid",
+    "gen_random_uuid",
+    "uuidv4",
+    "uuidv7",
+    "now",
+    "today",
+    "current_date",
+    "current_time",
+    "current_timestamp",
+    "current_localtime",
+    "current_localtimestamp",
+    "get_current_time",
+    "get_current_timestamp",
+    "localtime",
+    "localtimestamp",
+    "transaction_timestamp",
+    "nextval",
+    "currval",
+    "getvariable",
+    "sample",
+    "tablesample",
+    "glob",
+    "query",
+    "query_table",
+    "information_schema",
+    "pg_catalog",
+    "sqlite_master",
+];
+const UNCACHEABLE_PREFIXES: &[&str] = &[
+    "read_",
+    "parquet_",
+    "sniff_",
+    "duckdb_",
+    "pragma_",
+    "ferrocorn_",
+];
+
+/// The cache profile of a statement that passed [`check`], or `None` when its result must not be
+/// cached: it calls something volatile (`random()`, `now()`, sampling), reads anything other
+/// than datasets by name (a file path in a string literal, `read_parquet`, the catalogue), or
+/// names no dataset at all.
+pub fn cache_profile(sql: &str, is_dataset: impl Fn(&str) -> bool) -> Option<CacheProfile> {
+    let tokens = tokenize_spans(sql).ok()?;
+    let mut normalised = String::with_capacity(sql.len());
+    let mut names = Vec::new();
+    let mut previous_end = None;
+    for (token, start, end) in &tokens {
+        let text = &sql[*start..*end];
+        if let Some(previous_end) = previous_end
+            && previous_end != *start
+        {
+            normalised.push(' ');
+        }
+        normalised.push_str(text);
+        previous_end = Some(*end);
+        let name = match token {
+            Token::Word(_) => text.to_lowercase(),
+            Token::Other if text.len() >= 2 && text.starts_with('"') => {
+                text[1..text.len() - 1].replace("\"\"", "\"").to_lowercase()
+            }
+            Token::Other if text.starts_with('\'') || text.starts_with('$') => {
+                // A string that could be a file path (read as a table by a replacement scan).
+                if text.contains(['/', '.']) {
+                    return None;
+                }
+                continue;
+            }
+            _ => continue,
+        };
+        if UNCACHEABLE_WORDS.contains(&name.as_str())
+            || UNCACHEABLE_PREFIXES.iter().any(|p| name.starts_with(p))
+        {
+            return None;
+        }
+        names.push(name);
+    }
+    names.sort();
+    names.dedup();
+    if !names.iter().any(|n| is_dataset(n)) {
+        return None;
+    }
+    Some(CacheProfile { normalised, names })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -517,5 +631,42 @@ mod tests {
         assert_eq!(check("SELECT 1 ;  "), Ok("SELECT 1"));
         assert_eq!(check(";; SELECT 1"), Ok("SELECT 1"));
         assert_eq!(check("SELECT ';' -- c\n;"), Ok("SELECT ';' -- c"));
+    }
+
+    #[test]
+    fn cache_profile_normalises_and_names_datasets() {
+        let is_dataset = |n: &str| n == "orders";
+        let a = cache_profile("SELECT  count(*)\n  FROM Orders -- all\n", is_dataset)
+            .expect("cacheable");
+        let b = cache_profile("SELECT count(*) FROM Orders", is_dataset).expect("cacheable");
+        assert_eq!(a, b);
+        assert!(a.names.contains(&"orders".to_owned()));
+        // Adjacency is kept: `1.5` and `1 .5` are different statements.
+        let c = cache_profile("SELECT 1.5 FROM orders", is_dataset).expect("cacheable");
+        let d = cache_profile("SELECT 1 .5 FROM orders", is_dataset).expect("cacheable");
+        assert_ne!(c.normalised, d.normalised);
+        // Case is kept: it names the result's columns.
+        let e = cache_profile("SELECT 1 AS X FROM orders", is_dataset).expect("cacheable");
+        let f = cache_profile("SELECT 1 AS x FROM orders", is_dataset).expect("cacheable");
+        assert_ne!(e.normalised, f.normalised);
+        assert!(cache_profile("SELECT * FROM \"orders\"", is_dataset).is_some());
+    }
+
+    #[test]
+    fn volatile_or_file_reading_statements_are_not_cached() {
+        let is_dataset = |n: &str| n == "orders";
+        for sql in [
+            "SELECT random() FROM orders",
+            "SELECT now(), * FROM orders",
+            "SELECT * FROM orders USING SAMPLE 10",
+            "SELECT * FROM read_parquet('data/orders.parquet')",
+            "SELECT * FROM 'data/orders.parquet'",
+            "SELECT * FROM orders, query_table('orders')",
+            "SELECT * FROM orders, duckdb_databases()",
+            "SELECT 42",
+            "SELECT * FROM customers",
+        ] {
+            assert_eq!(cache_profile(sql, is_dataset), None, "{sql}");
+        }
     }
 }

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use ferrocorn_query_core::{DatasetOptions, StorageMode};
 use ferrocorn_worker::access_log::AccessLogTarget;
 use ferrocorn_worker::scoreboard::MAX_WORKERS;
 
@@ -168,6 +169,20 @@ raw_config! {
     query_queue_depth: u64,
     /// Longest wait for a query slot, in milliseconds, before 503.
     query_queue_timeout_ms: u64,
+    /// Disk DuckDB may spill to, for the whole pool (divided among workers), e.g. "20GB";
+    /// unset keeps DuckDB's default (90 % of the free space).
+    duckdb_max_temp_size: String,
+    /// Directory of state that survives restarts: dataset snapshots and the result cache.
+    cache_dir: PathBuf,
+    /// How datasets are served: "auto" (a snapshot when the files fit the memory budget),
+    /// "snapshot" or "parquet".
+    storage: StorageMode,
+    /// Per-dataset options: `[datasets.NAME]` with `storage` and `sort_key`.
+    datasets: BTreeMap<String, DatasetOptions>,
+    /// Keep query results in `cache_dir`, shared by all workers.
+    result_cache: bool,
+    /// Most bytes the result cache keeps on disk; least recently used entries go first.
+    result_cache_size: String,
     /// Log level: debug, info, warning, error.
     loglevel: String,
     /// Error log file; "-" is standard error.
@@ -214,6 +229,12 @@ impl RawConfig {
             max_concurrent_queries: Some(0),
             query_queue_depth: Some(16),
             query_queue_timeout_ms: Some(2_000),
+            duckdb_max_temp_size: None,
+            cache_dir: Some(PathBuf::from("cache")),
+            storage: Some(StorageMode::Auto),
+            datasets: None,
+            result_cache: Some(true),
+            result_cache_size: Some("256MiB".to_owned()),
             loglevel: Some("info".to_owned()),
             errorlog: Some("-".to_owned()),
             accesslog: None,
@@ -394,6 +415,12 @@ pub struct Config {
     pub max_concurrent_queries: Option<usize>,
     pub query_queue_depth: usize,
     pub query_queue_timeout: Duration,
+    pub duckdb_max_temp_bytes: Option<u64>,
+    pub cache_dir: PathBuf,
+    pub storage: StorageMode,
+    pub datasets: BTreeMap<String, DatasetOptions>,
+    /// The result cache's byte bound; `None` when it is off.
+    pub result_cache_bytes: Option<u64>,
     pub loglevel: String,
     pub errorlog: Option<PathBuf>,
     pub accesslog: Option<AccessLogTarget>,
@@ -502,6 +529,47 @@ impl Config {
         };
         let query_queue_depth = ranged!(raw.query_queue_depth, 0..=100_000)? as usize;
         let query_queue_timeout_ms = ranged!(raw.query_queue_timeout_ms, 0..=600_000)?;
+        let duckdb_max_temp_bytes = match raw.duckdb_max_temp_size.as_deref() {
+            None | Some("") => None,
+            Some(text) => Some(parse_size(text).map_err(|m| invalid("duckdb_max_temp_size", m))?),
+        };
+        let cache_dir = absolute(&require(&raw.cache_dir, "cache_dir")?);
+        if cache_dir.exists() && !cache_dir.is_dir() {
+            return Err(invalid(
+                "cache_dir",
+                format!("{} is not a directory", cache_dir.display()),
+            ));
+        }
+        if !cache_dir.exists() && !cache_dir.parent().is_some_and(Path::is_dir) {
+            return Err(invalid(
+                "cache_dir",
+                format!("the directory of {} does not exist", cache_dir.display()),
+            ));
+        }
+        let datasets = raw.datasets.clone().unwrap_or_default();
+        for (name, options) in &datasets {
+            if !ferrocorn_query_core::catalog::is_valid_name(name) {
+                return Err(invalid(
+                    "datasets",
+                    format!("{name:?} is not a dataset name (letters, digits and _)"),
+                ));
+            }
+            if let Some(key) = &options.sort_key
+                && (key.is_empty() || key.len() > 255)
+            {
+                return Err(invalid(
+                    "datasets",
+                    format!("the sort_key of {name} must be a column name"),
+                ));
+            }
+        }
+        let result_cache_bytes = if require(&raw.result_cache, "result_cache")? {
+            let text = require(&raw.result_cache_size, "result_cache_size")?;
+            let bytes = parse_size(&text).map_err(|m| invalid("result_cache_size", m))?;
+            Some(in_range("result_cache_size", bytes, (1 << 20)..=u64::MAX)?)
+        } else {
+            None
+        };
         let loglevel = require(&raw.loglevel, "loglevel")?.to_ascii_lowercase();
         let loglevel = match loglevel.as_str() {
             "debug" | "info" | "error" | "trace" => loglevel,
@@ -558,6 +626,11 @@ impl Config {
             max_concurrent_queries,
             query_queue_depth,
             query_queue_timeout: Duration::from_millis(query_queue_timeout_ms),
+            duckdb_max_temp_bytes,
+            cache_dir,
+            storage: require(&raw.storage, "storage")?,
+            datasets,
+            result_cache_bytes,
             loglevel,
             errorlog,
             accesslog,

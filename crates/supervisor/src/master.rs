@@ -24,8 +24,9 @@ use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use ferrocorn_query_core::EngineSettings;
+use ferrocorn_query_core::{EngineSettings, StorageSettings};
 use ferrocorn_worker::query::QuerySettings;
+use ferrocorn_worker::result_cache::ResultCacheSettings;
 use ferrocorn_worker::scoreboard::{
     MAX_RECORDS, MAX_WORKERS, RecordState, Scoreboard, monotonic_ms,
 };
@@ -778,6 +779,10 @@ impl Master {
             limit_request_line: c.limit_request_line,
             limit_request_fields: c.limit_request_fields,
             limit_request_field_size: c.limit_request_field_size,
+            result_cache: c.result_cache_bytes.map(|max_bytes| ResultCacheSettings {
+                dir: c.cache_dir.join("results"),
+                max_bytes,
+            }),
         }
     }
 
@@ -839,11 +844,24 @@ impl Master {
                     )),
                     memory_limit_bytes,
                     threads,
+                    max_temp_bytes: self
+                        .config
+                        .duckdb_max_temp_bytes
+                        .map(|bytes| bytes / workers as u64),
+                    storage: StorageSettings {
+                        snapshot_dir: Some(self.config.cache_dir.join("snapshots")),
+                        default_mode: self.config.storage,
+                        datasets: self.config.datasets.clone(),
+                        // A snapshot is the default for datasets whose files fit the memory
+                        // budget: the pool's page cache can then hold the one shared copy.
+                        auto_max_bytes: self.config.duckdb_memory_limit_bytes,
+                    },
                 };
                 let code = ferrocorn_worker::run(WorkerArgs {
                     slot,
                     listeners,
                     record,
+                    scoreboard: self.scoreboard,
                     notify: wake,
                     settings,
                     engine,

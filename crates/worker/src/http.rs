@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use ferrocorn_query_core::error::chain as error_chain;
-use ferrocorn_query_core::{DatasetInfo, Engine};
+use ferrocorn_query_core::{DatasetInfo, Engine, Storage};
 use http::{HeaderValue, header};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
@@ -19,7 +19,8 @@ use crate::access_log::{AccessEntry, AccessLog};
 use crate::openapi::{ApiDoc, ColumnDoc, DatasetDoc, DatasetList, Health, Ready};
 use crate::problem::{ApiError, Problem};
 use crate::query::{Admission, QuerySettings};
-use crate::scoreboard::WorkerRecord;
+use crate::result_cache::ResultCache;
+use crate::scoreboard::{PoolCounters, Scoreboard, WorkerRecord};
 use crate::settings::WorkerSettings;
 
 tokio::task_local! {
@@ -37,6 +38,9 @@ pub struct AppState {
     pub pid: u32,
     pub engine: Arc<Engine>,
     pub record: &'static WorkerRecord,
+    pub scoreboard: &'static Scoreboard,
+    /// The pool's result cache, if it is on (and its directory usable).
+    pub result_cache: Option<Arc<ResultCache>>,
     pub settings: WorkerSettings,
     pub query: QuerySettings,
     pub admission: Admission,
@@ -64,15 +68,26 @@ impl AppState {
         slot: usize,
         engine: Arc<Engine>,
         record: &'static WorkerRecord,
+        scoreboard: &'static Scoreboard,
         settings: WorkerSettings,
         on_budget_spent: Box<dyn Fn() + Send + Sync>,
         access_log: Option<AccessLog>,
     ) -> Self {
+        let result_cache = settings.result_cache.as_ref().and_then(|cache| {
+            ResultCache::open(cache, scoreboard.pool())
+                .inspect_err(|e| {
+                    tracing::warn!(dir = %cache.dir.display(), error = %e, "result cache off: cannot use its directory");
+                })
+                .ok()
+                .map(Arc::new)
+        });
         Self {
             slot,
             pid: std::process::id(),
             engine,
             record,
+            scoreboard,
+            result_cache,
             query: settings.query.clone(),
             admission: Admission::new(&settings.query),
             settings,
@@ -81,6 +96,11 @@ impl AppState {
             access_log,
             next_request: AtomicU64::new(1),
         }
+    }
+
+    /// The pool's counters.
+    pub fn pool(&self) -> &'static PoolCounters {
+        self.scoreboard.pool()
     }
 
     fn request_id(&self, incoming: Option<&HeaderValue>) -> String {
@@ -106,6 +126,7 @@ fn documented_routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(crate::query::get_query, crate::query::post_query))
         .routes(routes!(list_datasets))
         .routes(routes!(get_dataset))
+        .routes(routes!(crate::metrics::metrics))
         .split_for_parts()
 }
 
@@ -146,6 +167,7 @@ async fn front_line(State(state): State<Arc<AppState>>, request: Request, next: 
             let mut response = match check_limits(&state.settings, &request) {
                 Err(e) => e.into_response(),
                 Ok(()) => {
+                    PoolCounters::add(&state.pool().requests, 1);
                     let line = format!("{} {}", request.method(), request.uri());
                     let started = state.record.request_started(&line);
                     let _in_flight = InFlight(state.record);
@@ -331,6 +353,15 @@ fn describe(info: &DatasetInfo) -> DatasetDoc {
         bytes: info.dataset.bytes,
         row_estimate: info.row_estimate,
         dataset_version: info.dataset.version.clone(),
+        storage: match info.storage {
+            Storage::Parquet => "parquet",
+            Storage::Snapshot { .. } => "snapshot",
+        },
+        snapshot_bytes: match info.storage {
+            Storage::Snapshot { bytes, .. } => Some(bytes),
+            Storage::Parquet => None,
+        },
+        pending_version: info.pending.clone(),
     }
 }
 

@@ -30,9 +30,11 @@
 pub mod access_log;
 pub mod http;
 pub mod logfile;
+pub mod metrics;
 pub mod openapi;
 pub mod problem;
 pub mod query;
+pub mod result_cache;
 pub mod scoreboard;
 pub mod server;
 pub mod settings;

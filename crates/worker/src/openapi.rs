@@ -75,8 +75,15 @@ pub struct DatasetDoc {
     pub bytes: u64,
     /// Rows according to the Parquet footers.
     pub row_estimate: Option<u64>,
-    /// Changes whenever any file of the dataset changes.
+    /// The version being served: changes whenever any file of the dataset changes (for a
+    /// snapshot, once the snapshot of the new files is built).
     pub dataset_version: String,
+    /// `parquet` (views over the files) or `snapshot` (a DuckDB file built from them).
+    pub storage: &'static str,
+    /// The snapshot file's size in bytes, when served from a snapshot.
+    pub snapshot_bytes: Option<u64>,
+    /// The version of the files whose snapshot is being built, while it is not served yet.
+    pub pending_version: Option<String>,
 }
 
 /// `GET /v1/datasets`.

@@ -9,6 +9,13 @@
 //! when the client goes away (the response future or body is dropped: DuckDB is interrupted).
 //! Errors before the first byte are problem documents; an error after it can never pass for a
 //! complete result: NDJSON ends with an `{"error": …}` line, other formats abort the body.
+//!
+//! A statement whose result is determined by its inputs (see
+//! [`ferrocorn_query_core::sql::cache_profile`]) gets an `ETag` made of those inputs and the
+//! versions of the datasets it names: `If-None-Match` with it is answered 304 without running
+//! anything, and a result that fits the first buffer is kept in the pool's result cache
+//! ([`crate::result_cache`]). The request's `Cache-Control: no-cache` skips the cache lookup
+//! (the fresh result is still stored); `no-store` skips both.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -34,6 +41,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use crate::http::AppState;
 use crate::openapi::{QueryErrors, QueryResult};
 use crate::problem::{ApiError, Problem};
+use crate::result_cache::{CacheKey, Entry};
+use crate::scoreboard::PoolCounters;
 
 /// The worker's query limits, resolved by the supervisor.
 #[derive(Clone, Debug)]
@@ -463,9 +472,62 @@ async fn run_query(
     let deadline = body.timeout_ms.map_or(settings.max_query_time, |ms| {
         Duration::from_millis(ms).min(settings.max_query_time)
     });
+    PoolCounters::add(&state.pool().queries, 1);
+
+    // The dataset versions in the cache key must be current: rescan first when one is due.
+    if state.engine.refresh_due(crate::http::RESCAN_INTERVAL) {
+        let engine = state.engine.clone();
+        tokio::task::spawn_blocking(move || engine.refresh_if_due(crate::http::RESCAN_INTERVAL))
+            .await
+            .map_err(|_| ApiError::Internal)?;
+    }
+    let cache = Caching::plan(&state, headers, &body, format, max_rows);
+    if let Some(cache) = &cache {
+        if cache.matches(headers.get(header::IF_NONE_MATCH)) {
+            PoolCounters::add(&state.pool().not_modified, 1);
+            let mut response_headers = HeaderMap::new();
+            cache.insert_headers(&mut response_headers);
+            return Ok((StatusCode::NOT_MODIFIED, response_headers).into_response());
+        }
+        if cache.read
+            && let Some(store) = state.result_cache.clone()
+        {
+            let key = cache.key.clone();
+            let hit = tokio::task::spawn_blocking(move || store.get(&key))
+                .await
+                .map_err(|_| ApiError::Internal)?;
+            if let Some(entry) = hit {
+                let mut response_headers = HeaderMap::new();
+                response_headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(format.media_type()),
+                );
+                insert_disposition(&mut response_headers, format);
+                cache.insert_headers(&mut response_headers);
+                response_headers.insert("x-cache", HeaderValue::from_static("hit"));
+                let summary = Summary {
+                    rows: entry.rows,
+                    truncated: entry.truncated,
+                };
+                insert_result_headers(
+                    &mut response_headers,
+                    summary,
+                    Duration::ZERO,
+                    received.elapsed(),
+                    Duration::ZERO,
+                );
+                return Ok((StatusCode::OK, response_headers, entry.body).into_response());
+            }
+        }
+    }
 
     // Held until the last byte is sent (it moves into the streamed body).
-    let running = Running::start(state.admission.admit().await?, deadline);
+    let permit = state
+        .admission
+        .admit()
+        .await
+        .inspect_err(|_| PoolCounters::add(&state.pool().overloaded, 1))?;
+    let running = Running::start(permit, deadline);
     let queued = received.elapsed();
     let (tx, mut rx) = mpsc::channel::<Chunk>(4);
     let engine = state.engine.clone();
@@ -540,16 +602,34 @@ async fn run_query(
         header::CONTENT_TYPE,
         HeaderValue::from_static(format.media_type()),
     );
-    if format == Format::Parquet {
-        response_headers.insert(
-            header::CONTENT_DISPOSITION,
-            HeaderValue::from_static("attachment; filename=\"result.parquet\""),
-        );
+    insert_disposition(&mut response_headers, format);
+    match &cache {
+        Some(cache) => {
+            cache.insert_headers(&mut response_headers);
+            response_headers.insert(
+                "x-cache",
+                HeaderValue::from_static(if cache.read { "miss" } else { "bypass" }),
+            );
+        }
+        None => {
+            response_headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        }
     }
     if let Some((summary, encode)) = end {
         running.finish();
         let exec = exec_started.elapsed().saturating_sub(encode);
         insert_result_headers(&mut response_headers, summary, queued, exec, encode);
+        let buffered = Bytes::from(buffered);
+        if let Some(cache) = cache.filter(|c| c.write)
+            && let Some(store) = state.result_cache.clone()
+        {
+            let entry = Entry {
+                rows: summary.rows,
+                truncated: summary.truncated,
+                body: buffered.clone(),
+            };
+            tokio::task::spawn_blocking(move || store.put(&cache.key, &entry));
+        }
         return Ok((StatusCode::OK, response_headers, buffered).into_response());
     }
 
@@ -608,6 +688,106 @@ async fn run_query(
     );
     let body = Body::new(StreamBody::new(stream));
     Ok((StatusCode::OK, response_headers, body).into_response())
+}
+
+fn insert_disposition(headers: &mut HeaderMap, format: Format) {
+    if format == Format::Parquet {
+        headers.insert(
+            header::CONTENT_DISPOSITION,
+            HeaderValue::from_static("attachment; filename=\"result.parquet\""),
+        );
+    }
+}
+
+/// How one request may use the result cache and conditional requests.
+#[derive(Debug)]
+struct Caching {
+    key: CacheKey,
+    etag: HeaderValue,
+    /// Look the result up (the request did not say `no-cache` or `no-store`).
+    read: bool,
+    /// Store a fresh result (the request did not say `no-store`).
+    write: bool,
+}
+
+impl Caching {
+    /// `None` when the statement's result may not be reused (see
+    /// [`ferrocorn_query_core::sql::cache_profile`]).
+    fn plan(
+        state: &AppState,
+        headers: &HeaderMap,
+        body: &QueryBody,
+        format: Format,
+        max_rows: u64,
+    ) -> Option<Self> {
+        let catalog = state.engine.catalog();
+        let find = |name: &str| {
+            catalog
+                .iter()
+                .find(|d| d.dataset.name.eq_ignore_ascii_case(name))
+        };
+        let profile = ferrocorn_query_core::sql::cache_profile(&body.sql, |n| find(n).is_some())?;
+        let params = body
+            .params
+            .as_ref()
+            .map(|p| serde_json::to_vec(p).unwrap_or_default())
+            .unwrap_or_default();
+        let max_rows = max_rows.to_le_bytes();
+        let mut parts: Vec<&[u8]> = vec![
+            state.engine.duckdb_version().as_bytes(),
+            profile.normalised.as_bytes(),
+            &params,
+            format.name().as_bytes(),
+            &max_rows,
+        ];
+        for info in profile.names.iter().filter_map(|n| find(n)) {
+            parts.push(info.dataset.name.as_bytes());
+            parts.push(info.dataset.version.as_bytes());
+        }
+        let key = CacheKey::new(parts);
+        let etag = HeaderValue::from_str(&format!("\"{}\"", key.as_str())).ok()?;
+        let directives: Vec<String> = headers
+            .get_all(header::CACHE_CONTROL)
+            .iter()
+            .chain(headers.get_all(header::PRAGMA).iter())
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|d| d.trim().to_ascii_lowercase())
+            .collect();
+        let no_store = directives.iter().any(|d| d == "no-store");
+        let no_cache = directives
+            .iter()
+            .any(|d| d == "no-cache" || d == "max-age=0");
+        let enabled = state.result_cache.is_some();
+        Some(Self {
+            key,
+            etag,
+            read: enabled && !no_store && !no_cache,
+            write: enabled && !no_store,
+        })
+    }
+
+    /// Whether `If-None-Match` names this result.
+    fn matches(&self, if_none_match: Option<&HeaderValue>) -> bool {
+        let Some(value) = if_none_match.and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        let ours = self.etag.to_str().unwrap_or_default();
+        value
+            .split(',')
+            .map(str::trim)
+            .any(|tag| tag == "*" || tag == ours || tag.strip_prefix("W/") == Some(ours))
+    }
+
+    /// `ETag`, and `Cache-Control` telling clients to revalidate before reuse (the data may
+    /// change at any time; revalidation costs them a 304).
+    fn insert_headers(&self, headers: &mut HeaderMap) {
+        headers.insert(header::ETAG, self.etag.clone());
+        headers.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("private, no-cache"),
+        );
+    }
 }
 
 fn insert_result_headers(

@@ -8,7 +8,8 @@ use ferrocorn_query_core::EngineSettings;
 
 use crate::access_log::AccessLogTarget;
 use crate::query::QuerySettings;
-use crate::scoreboard::WorkerRecord;
+use crate::result_cache::ResultCacheSettings;
+use crate::scoreboard::{Scoreboard, WorkerRecord};
 
 /// The worker's HTTP settings, resolved by the supervisor from the configuration.
 #[derive(Clone, Debug)]
@@ -35,6 +36,8 @@ pub struct WorkerSettings {
     pub query: QuerySettings,
     /// Where to write one line per request (`accesslog`); `None` for nowhere.
     pub accesslog: Option<AccessLogTarget>,
+    /// The pool's result cache (`result_cache`); `None` when it is off.
+    pub result_cache: Option<ResultCacheSettings>,
 }
 
 /// A listening socket inherited from the master.
@@ -60,6 +63,8 @@ pub struct WorkerArgs {
     pub listeners: Vec<Listener>,
     /// This worker's record in the shared scoreboard.
     pub record: &'static WorkerRecord,
+    /// The whole shared region: the pool's counters, every worker's record (for `/metrics`).
+    pub scoreboard: &'static Scoreboard,
     /// Write end of the master's wake-up pipe: one byte after each state change the master must
     /// act on (ready, retirement request).
     pub notify: OwnedFd,

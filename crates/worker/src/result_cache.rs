@@ -1,0 +1,363 @@
+//! The result cache: encoded query results on disk, shared by every worker of the pool and kept
+//! across restarts.
+//!
+//! An entry is one file, `<key>.entry`, named by the SHA-256 of everything its bytes depend on
+//! (the normalised statement, its parameters, the format, the row limit and the version of every
+//! dataset the statement names; see [`CacheKey`]). The key changes when any of those datasets
+//! changes, so an entry can never be served for data it was not computed from; entries of old
+//! versions are simply never asked for again and age out.
+//!
+//! Writes are atomic: the entry is written to a temporary file and renamed into place. The byte
+//! bound holds at all times: under the directory's lock (`flock` on `lock`), a store first makes
+//! room, evicting the least recently used entries (by modification time, which a hit refreshes),
+//! then adds its size to the pool's byte counter before its file appears. The counter is only a
+//! cheap upper bound; whenever it says the bound would be crossed, the directory is counted for
+//! real and entries are evicted down to 90 % of the bound.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use crate::scoreboard::PoolCounters;
+
+/// What the cache is given.
+#[derive(Clone, Debug)]
+pub struct ResultCacheSettings {
+    /// The directory (created if missing).
+    pub dir: PathBuf,
+    /// Most bytes all entries together may take.
+    pub max_bytes: u64,
+}
+
+/// The identity of a result: the hex SHA-256 of its inputs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CacheKey(String);
+
+impl CacheKey {
+    /// Hash the parts that determine a result's bytes. Each part is length-prefixed, so no two
+    /// different lists of parts hash the same input.
+    pub fn new<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(b"ferrocorn-result-v1");
+        for part in parts {
+            hasher.update((part.len() as u64).to_le_bytes());
+            hasher.update(part);
+        }
+        let digest = hasher.finalize();
+        let mut hex = String::with_capacity(64);
+        for byte in digest.iter() {
+            hex.push_str(&format!("{byte:02x}"));
+        }
+        Self(hex)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A cached result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub rows: u64,
+    pub truncated: bool,
+    pub body: Bytes,
+}
+
+/// Entries touched within this long are not touched again on a hit (saves a write per hit).
+const TOUCH_AFTER: Duration = Duration::from_secs(10);
+
+/// The pool's result cache.
+#[derive(Debug)]
+pub struct ResultCache {
+    dir: PathBuf,
+    max_bytes: u64,
+    counters: &'static PoolCounters,
+    temp_names: AtomicU64,
+}
+
+impl ResultCache {
+    /// Use (and create) the cache directory.
+    pub fn open(
+        settings: &ResultCacheSettings,
+        counters: &'static PoolCounters,
+    ) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&settings.dir)?;
+        Ok(Self {
+            dir: settings.dir.clone(),
+            max_bytes: settings.max_bytes,
+            counters,
+            temp_names: AtomicU64::new(0),
+        })
+    }
+
+    /// The largest entry stored: an eighth of the bound, so one entry never evicts most others.
+    pub fn max_entry_bytes(&self) -> u64 {
+        self.max_bytes / 8
+    }
+
+    fn path(&self, key: &CacheKey) -> PathBuf {
+        self.dir.join(format!("{}.entry", key.as_str()))
+    }
+
+    /// The entry for `key`, counted as a hit or a miss.
+    pub fn get(&self, key: &CacheKey) -> Option<Entry> {
+        let found = self.read(key);
+        let counter = if found.is_some() {
+            &self.counters.cache_hits
+        } else {
+            &self.counters.cache_misses
+        };
+        PoolCounters::add(counter, 1);
+        found
+    }
+
+    fn read(&self, key: &CacheKey) -> Option<Entry> {
+        let path = self.path(key);
+        let file = File::open(&path).ok()?;
+        let modified = file.metadata().and_then(|m| m.modified()).ok()?;
+        let data = std::fs::read(&path).ok()?;
+        let entry = decode(&data)?;
+        if SystemTime::now()
+            .duration_since(modified)
+            .is_ok_and(|age| age > TOUCH_AFTER)
+        {
+            let _ = file.set_modified(SystemTime::now());
+        }
+        Some(entry)
+    }
+
+    /// Store an entry (unless it is larger than [`Self::max_entry_bytes`]). Failures are logged
+    /// and otherwise ignored: the cache is an optimisation.
+    pub fn put(&self, key: &CacheKey, entry: &Entry) {
+        let data = encode(entry);
+        let size = data.len() as u64;
+        if size > self.max_entry_bytes() {
+            return;
+        }
+        if let Err(e) = self.store(key, &data) {
+            tracing::warn!(error = %e, dir = %self.dir.display(), "cannot store a result cache entry");
+        }
+    }
+
+    fn store(&self, key: &CacheKey, data: &[u8]) -> std::io::Result<()> {
+        let temp = self.dir.join(format!(
+            ".tmp-{}-{}",
+            std::process::id(),
+            self.temp_names.fetch_add(1, Ordering::Relaxed)
+        ));
+        let written = File::create(&temp).and_then(|mut f| f.write_all(data));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&temp);
+            return Err(e);
+        }
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join("lock"))?;
+        lock.lock()?;
+        let size = data.len() as u64;
+        let bytes = &self.counters.cache_bytes;
+        if self.counters.cache_bytes_known.load(Ordering::Acquire) == 0
+            || bytes.load(Ordering::Acquire) + size > self.max_bytes
+        {
+            let kept = self.evict(
+                self.max_bytes
+                    .saturating_sub(size)
+                    .min(self.max_bytes / 10 * 9),
+            );
+            bytes.store(kept, Ordering::Release);
+            self.counters.cache_bytes_known.store(1, Ordering::Release);
+        }
+        // Counted before the file appears: the counter is never below what is on disk.
+        bytes.fetch_add(size, Ordering::AcqRel);
+        let renamed = std::fs::rename(&temp, self.path(key));
+        if renamed.is_err() {
+            bytes.fetch_sub(size, Ordering::AcqRel);
+            let _ = std::fs::remove_file(&temp);
+        }
+        PoolCounters::add(&self.counters.cache_stores, 1);
+        renamed
+    }
+
+    /// Count the entries and remove the least recently used until at most `target` bytes remain;
+    /// returns the bytes kept. Called with the lock held.
+    fn evict(&self, target: u64) -> u64 {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let mut entries: Vec<(SystemTime, u64, PathBuf)> = dir
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "entry"))
+            .filter_map(|e| {
+                let meta = e.metadata().ok()?;
+                Some((meta.modified().ok()?, meta.len(), e.path()))
+            })
+            .collect();
+        let mut total: u64 = entries.iter().map(|(_, len, _)| len).sum();
+        if total <= target {
+            return total;
+        }
+        entries.sort();
+        for (_, len, path) in entries {
+            if total <= target {
+                break;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                total -= len;
+                PoolCounters::add(&self.counters.cache_evictions, 1);
+            }
+        }
+        total
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// An entry file: a 17-byte header (rows, truncated flag, body length... as little-endian
+/// integers) and the body.
+fn encode(entry: &Entry) -> Vec<u8> {
+    let mut data = Vec::with_capacity(17 + entry.body.len());
+    data.extend_from_slice(&entry.rows.to_le_bytes());
+    data.push(u8::from(entry.truncated));
+    data.extend_from_slice(&(entry.body.len() as u64).to_le_bytes());
+    data.extend_from_slice(&entry.body);
+    data
+}
+
+fn decode(data: &[u8]) -> Option<Entry> {
+    let rows = u64::from_le_bytes(data.get(..8)?.try_into().ok()?);
+    let truncated = *data.get(8)? != 0;
+    let len = u64::from_le_bytes(data.get(9..17)?.try_into().ok()?);
+    let body = data.get(17..)?;
+    (body.len() as u64 == len).then(|| Entry {
+        rows,
+        truncated,
+        body: Bytes::copy_from_slice(body),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counters() -> &'static PoolCounters {
+        Box::leak(Box::default())
+    }
+
+    fn entry(size: usize, rows: u64) -> Entry {
+        Entry {
+            rows,
+            truncated: false,
+            body: Bytes::from(vec![b'x'; size]),
+        }
+    }
+
+    fn disk_bytes(dir: &Path) -> u64 {
+        std::fs::read_dir(dir)
+            .expect("dir")
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "entry"))
+            .map(|e| e.metadata().expect("meta").len())
+            .sum()
+    }
+
+    #[test]
+    fn keys_separate_their_parts() {
+        let a = CacheKey::new([b"ab".as_slice(), b"c"]);
+        let b = CacheKey::new([b"a".as_slice(), b"bc"]);
+        assert_ne!(a, b);
+        assert_eq!(a, CacheKey::new([b"ab".as_slice(), b"c"]));
+        assert_eq!(a.as_str().len(), 64);
+    }
+
+    #[test]
+    fn round_trips_and_counts_hits_and_misses() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let counters = counters();
+        let settings = ResultCacheSettings {
+            dir: dir.path().join("results"),
+            max_bytes: 1 << 20,
+        };
+        let cache = ResultCache::open(&settings, counters).expect("open");
+        let key = CacheKey::new([b"q".as_slice()]);
+        assert_eq!(cache.get(&key), None);
+        let stored = Entry {
+            rows: 3,
+            truncated: true,
+            body: Bytes::from_static(b"{\"rows\":[]}"),
+        };
+        cache.put(&key, &stored);
+        assert_eq!(cache.get(&key), Some(stored));
+        assert_eq!(PoolCounters::get(&counters.cache_hits), 1);
+        assert_eq!(PoolCounters::get(&counters.cache_misses), 1);
+        // No temporary file is left behind.
+        let names: Vec<String> = std::fs::read_dir(cache.dir())
+            .expect("dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.starts_with(".tmp")), "{names:?}");
+    }
+
+    #[test]
+    fn a_damaged_entry_is_a_miss() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = ResultCacheSettings {
+            dir: dir.path().to_owned(),
+            max_bytes: 1 << 20,
+        };
+        let cache = ResultCache::open(&settings, counters()).expect("open");
+        let key = CacheKey::new([b"q".as_slice()]);
+        cache.put(&key, &entry(100, 1));
+        let path = cache.path(&key);
+        let data = std::fs::read(&path).expect("read");
+        std::fs::write(&path, &data[..50]).expect("truncate");
+        assert_eq!(cache.get(&key), None);
+    }
+
+    #[test]
+    fn the_byte_bound_holds_and_the_least_recently_used_go_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let counters = counters();
+        let settings = ResultCacheSettings {
+            dir: dir.path().to_owned(),
+            max_bytes: 64 << 10,
+        };
+        let cache = ResultCache::open(&settings, counters).expect("open");
+        let keys: Vec<CacheKey> = (0..200u32)
+            .map(|i| CacheKey::new([i.to_le_bytes().as_slice()]))
+            .collect();
+        let old = SystemTime::now() - Duration::from_secs(3600);
+        for (i, key) in keys.iter().enumerate() {
+            cache.put(key, &entry(1000 + i * 13, i as u64));
+            assert!(disk_bytes(dir.path()) <= settings.max_bytes);
+            if i % 10 == 0 {
+                // The first entry is read again every ten stores, each time after more than
+                // TOUCH_AFTER (simulated by ageing its file): it must survive.
+                File::options()
+                    .write(true)
+                    .open(cache.path(&keys[0]))
+                    .and_then(|f| f.set_modified(old))
+                    .expect("age the hot entry");
+                assert!(cache.get(&keys[0]).is_some(), "hot entry evicted at {i}");
+            }
+        }
+        assert!(PoolCounters::get(&counters.cache_evictions) > 100);
+        assert!(cache.get(&keys[199]).is_some());
+        assert!(cache.get(&keys[1]).is_none(), "a cold entry was kept");
+        assert!(PoolCounters::get(&counters.cache_bytes) >= disk_bytes(dir.path()));
+        // Too large for the cache: not stored.
+        let big = CacheKey::new([b"big".as_slice()]);
+        cache.put(&big, &entry(10 << 10, 1));
+        assert!(cache.get(&big).is_none());
+    }
+}
