@@ -4,4 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ferrocorn-target}"
+# The snapshot tests run the TPC-H queries on a tiny generated TPC-H (3 MB, under a second).
+if [ ! -f data/tpch-sf0.01/lineitem.parquet ]; then
+  scripts/gen_tpch.sh 0.01 data/tpch-sf0.01 >/dev/null
+fi
 exec cargo nextest run --workspace --no-fail-fast --test-threads 2 "$@"

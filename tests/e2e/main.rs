@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `ferrocorn` binary, real sockets, real signals.
 
 mod cli;
+mod fastpath;
 mod http;
 mod lifecycle;
 mod query;

@@ -127,6 +127,27 @@ enum State {
     Parquet(ArrowWriter<Vec<u8>>),
 }
 
+/// A timestamp column whose zone is a name (DuckDB's `TIMESTAMP WITH TIME ZONE` is labelled with
+/// its `TimeZone` setting, e.g. `UTC`) relabelled `+00:00`: Arrow's formatter only knows offsets
+/// without a zone database, and the values are UTC instants whatever the label, so this prints the
+/// same instant. Other columns are returned as they are.
+fn offset_timezone(column: &ArrayRef) -> ArrayRef {
+    match column.data_type() {
+        DataType::Timestamp(unit, Some(tz)) if !tz.starts_with(['+', '-']) => {
+            let relabelled = column
+                .to_data()
+                .into_builder()
+                .data_type(DataType::Timestamp(*unit, Some("+00:00".into())))
+                .build();
+            match relabelled {
+                Ok(data) => arrow::array::make_array(data),
+                Err(_) => column.clone(),
+            }
+        }
+        _ => column.clone(),
+    }
+}
+
 fn options() -> FormatOptions<'static> {
     FormatOptions::new().with_display_error(false).with_null("")
 }
@@ -197,7 +218,8 @@ impl Encoder {
         let mut out = Vec::new();
         match &mut self.state {
             State::Text => {
-                let columns = batch.columns();
+                let columns: Vec<ArrayRef> = batch.columns().iter().map(offset_timezone).collect();
+                let columns = columns.as_slice();
                 let formatters: Vec<ArrayFormatter<'_>> = columns
                     .iter()
                     .map(|c| ArrayFormatter::try_new(c.as_ref(), &options()))
@@ -841,5 +863,22 @@ mod tests {
             String::from_utf8(out).expect("utf8"),
             "\"a\\\"\\\\\\n\\u0001é\""
         );
+    }
+
+    #[test]
+    fn zoned_timestamps_print_as_utc_instants() {
+        let column: ArrayRef = Arc::new(
+            arrow::array::TimestampMicrosecondArray::from(vec![1_704_164_645_000_000])
+                .with_timezone("UTC"),
+        );
+        let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+            arrow::datatypes::Field::new("t", column.data_type().clone(), true),
+        ]));
+        let batch = RecordBatch::try_new(schema.clone(), vec![column]).expect("batch");
+        for format in [Format::Json, Format::Ndjson, Format::Csv] {
+            let (mut encoder, _) = Encoder::new(format, schema.clone()).expect("encoder");
+            let text = String::from_utf8(encoder.batch(&batch).expect("encode")).expect("utf8");
+            assert!(text.contains("2024-01-02T03:04:05Z"), "{format:?}: {text}");
+        }
     }
 }

@@ -1,0 +1,281 @@
+//! Snapshots against Parquet views, on real DuckDB and real files.
+//!
+//! The TPC-H test reads the tables `scripts/test.sh` generates with `scripts/gen_tpch.sh 0.01`
+//! (or the directory in `FERROCORN_TPCH_DIR`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use ferrocorn_query_core::snapshot::SnapshotDir;
+use ferrocorn_query_core::{
+    DatasetOptions, Engine, EngineSettings, Flow, InterruptHandle, Params, QuerySpec, ResultSink,
+    Storage, StorageMode, StorageSettings,
+};
+
+/// Collects a result as sorted text lines, one per row.
+#[derive(Default)]
+struct Lines(Vec<String>);
+
+impl ResultSink for Lines {
+    fn started(&mut self, _: Arc<InterruptHandle>) {}
+    fn schema(&mut self, _: SchemaRef) -> Flow {
+        Flow::Continue
+    }
+    fn batch(&mut self, batch: RecordBatch) -> Flow {
+        let options = FormatOptions::default().with_null("NULL");
+        let formatters: Vec<_> = batch
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).expect("formatter"))
+            .collect();
+        for row in 0..batch.num_rows() {
+            let cells: Vec<String> = formatters
+                .iter()
+                .map(|f| f.value(row).to_string())
+                .collect();
+            self.0.push(cells.join("|"));
+        }
+        Flow::Continue
+    }
+}
+
+fn run(engine: &Engine, sql: &str) -> Vec<String> {
+    let mut lines = Lines::default();
+    let params = Params::default();
+    engine
+        .run(
+            &QuerySpec {
+                sql,
+                params: &params,
+                max_rows: u64::MAX,
+            },
+            &mut lines,
+        )
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    lines.0.sort();
+    lines.0
+}
+
+fn settings(data: &Path, temp: &Path, snapshots: Option<&Path>) -> EngineSettings {
+    let mut datasets = std::collections::BTreeMap::new();
+    for (name, key) in [("orders", "o_orderkey"), ("lineitem", "l_orderkey")] {
+        datasets.insert(
+            name.to_owned(),
+            DatasetOptions {
+                storage: None,
+                sort_key: Some(key.to_owned()),
+            },
+        );
+    }
+    EngineSettings {
+        data_dir: data.to_owned(),
+        temp_dir: temp.to_owned(),
+        memory_limit_bytes: 512 << 20,
+        threads: 1,
+        max_temp_bytes: None,
+        storage: StorageSettings {
+            snapshot_dir: snapshots.map(Path::to_owned),
+            default_mode: StorageMode::Snapshot,
+            datasets,
+            auto_max_bytes: 0,
+        },
+    }
+}
+
+/// Refresh until every dataset is served from a snapshot of its current files.
+fn wait_for_snapshots(engine: &Engine) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        engine.refresh_if_due(Duration::ZERO);
+        let catalog = engine.catalog();
+        if catalog
+            .iter()
+            .all(|d| matches!(d.storage, Storage::Snapshot { .. }) && d.pending.is_none())
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "snapshots not built in time");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn snapshot_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.retain(|p| p.extension().is_some_and(|e| e == "duckdb" || e == "tmp"));
+    files.sort();
+    files
+}
+
+fn tpch_dir() -> PathBuf {
+    let dir = std::env::var_os("FERROCORN_TPCH_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/tpch-sf0.01"),
+        PathBuf::from,
+    );
+    assert!(
+        dir.join("lineitem.parquet").exists(),
+        "TPC-H tables missing in {}: run scripts/gen_tpch.sh 0.01 (scripts/test.sh does)",
+        dir.display()
+    );
+    dir
+}
+
+#[test]
+fn a_snapshot_answers_every_tpch_query_like_the_parquet_views() {
+    let data = tpch_dir();
+    let temp = tempfile::tempdir().expect("tempdir");
+    let views = Engine::open(&settings(&data, &temp.path().join("views"), None)).expect("open");
+    let snapshots = temp.path().join("snapshots");
+    let snapped = Engine::open(&settings(
+        &data,
+        &temp.path().join("snap"),
+        Some(&snapshots),
+    ))
+    .expect("open");
+    wait_for_snapshots(&snapped);
+    assert_eq!(snapped.catalog().len(), 8);
+    assert!(
+        views
+            .catalog()
+            .iter()
+            .all(|d| d.storage == Storage::Parquet)
+    );
+
+    let queries = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/tpch");
+    for n in 1..=22 {
+        let path = queries.join(format!("q{n:02}.sql"));
+        let sql = std::fs::read_to_string(&path).expect("query file");
+        let expected = run(&views, &sql);
+        let got = run(&snapped, &sql);
+        assert_eq!(
+            got, expected,
+            "Q{n} differs between snapshot and Parquet views"
+        );
+        // Each query returns rows on this data, so the comparison compares something.
+        assert!(!expected.is_empty(), "Q{n} returned no rows");
+    }
+    // A point lookup on the sort key reads the sorted snapshot.
+    assert_eq!(
+        run(
+            &snapped,
+            "SELECT o_custkey FROM orders WHERE o_orderkey = 32"
+        ),
+        run(&views, "SELECT o_custkey FROM orders WHERE o_orderkey = 32"),
+    );
+}
+
+fn write_numbers(path: &Path, n: u64, factor: u64) {
+    let conn = duckdb::Connection::open_in_memory().expect("duckdb");
+    let staging = path.with_extension("staging");
+    conn.execute_batch(&format!(
+        "COPY (SELECT range AS id, range * {factor} AS v FROM range({n})) TO '{}' (FORMAT parquet)",
+        staging.display()
+    ))
+    .expect("copy");
+    std::fs::rename(&staging, path).expect("publish");
+}
+
+#[test]
+fn a_restart_with_unchanged_files_rebuilds_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    write_numbers(&data.join("numbers.parquet"), 1000, 2);
+    let snapshots = dir.path().join("snapshots");
+    let s = settings(&data, &dir.path().join("tmp"), Some(&snapshots));
+
+    let engine = Engine::open(&s).expect("open");
+    wait_for_snapshots(&engine);
+    let files = snapshot_files(&snapshots);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let built = std::fs::metadata(&files[0])
+        .expect("meta")
+        .modified()
+        .expect("mtime");
+    drop(engine);
+
+    // Served from the existing snapshot as soon as it opens: nothing was built.
+    let engine = Engine::open(&s).expect("reopen");
+    let catalog = engine.catalog();
+    assert!(
+        matches!(&catalog[0].storage, Storage::Snapshot { file, .. } if *file == files[0]),
+        "{:?}",
+        catalog[0].storage
+    );
+    assert_eq!(snapshot_files(&snapshots), files);
+    assert_eq!(
+        std::fs::metadata(&files[0])
+            .expect("meta")
+            .modified()
+            .expect("mtime"),
+        built
+    );
+    assert_eq!(run(&engine, "SELECT sum(v) FROM numbers"), ["999000"]);
+}
+
+#[test]
+fn a_changed_dataset_moves_to_its_new_snapshot_and_the_old_file_goes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    let file = data.join("numbers.parquet");
+    write_numbers(&file, 1000, 2);
+    let snapshots = dir.path().join("snapshots");
+    let s = settings(&data, &dir.path().join("tmp"), Some(&snapshots));
+    let engine = Engine::open(&s).expect("open");
+    wait_for_snapshots(&engine);
+    let old = snapshot_files(&snapshots);
+    assert_eq!(run(&engine, "SELECT sum(v) FROM numbers"), ["999000"]);
+
+    write_numbers(&file, 1000, 3);
+    wait_for_snapshots(&engine);
+    assert_eq!(run(&engine, "SELECT sum(v) FROM numbers"), ["1498500"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // The old snapshot is detached once drained (at a refresh), then collected.
+        engine.refresh_if_due(Duration::ZERO);
+        let now = snapshot_files(&snapshots);
+        if now.len() == 1 && now != old {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "old snapshot not collected: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_half_written_snapshot_is_never_attached_and_is_cleaned_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    write_numbers(&data.join("numbers.parquet"), 1000, 2);
+    let snapshots = dir.path().join("snapshots");
+    let s = settings(&data, &dir.path().join("tmp"), Some(&snapshots));
+    // What a builder killed mid-write leaves: a partial temporary file next to the target.
+    let dataset = ferrocorn_query_core::catalog::scan(&data)
+        .expect("scan")
+        .remove(0);
+    let dir_handle = SnapshotDir::open(&snapshots).expect("dir");
+    let version = duckdb::Connection::open_in_memory()
+        .and_then(|c| c.query_row("SELECT version()", [], |r| r.get::<_, String>(0)))
+        .expect("version");
+    let target = dir_handle.target(&dataset, None, &version);
+    let mut temp = target.clone().into_os_string();
+    temp.push(".tmp");
+    std::fs::write(&temp, b"half a database").expect("write");
+
+    let engine = Engine::open(&s).expect("open");
+    // Until the real snapshot exists, the Parquet files serve.
+    assert_eq!(run(&engine, "SELECT count(*) FROM numbers"), ["1000"]);
+    wait_for_snapshots(&engine);
+    assert_eq!(run(&engine, "SELECT sum(v) FROM numbers"), ["999000"]);
+    assert_eq!(snapshot_files(&snapshots), [target]);
+}
