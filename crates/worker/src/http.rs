@@ -1,7 +1,7 @@
 //! The worker's HTTP application: router, front-line middleware and endpoints.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
 use axum::extract::Path;
@@ -11,7 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use ferrocorn_query_core::error::chain as error_chain;
+use ferrocorn_query_core::sql::CacheProfile;
 use ferrocorn_query_core::{DatasetInfo, Engine, Storage};
+use hashlink::LruCache;
 use http::{HeaderValue, header};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
@@ -41,6 +43,10 @@ pub struct AppState {
     pub scoreboard: &'static Scoreboard,
     /// The pool's result cache, if it is on (and its directory usable).
     pub result_cache: Option<Arc<ResultCache>>,
+    /// Cache profiles of recent statements, by text.
+    profiles: Mutex<LruCache<String, Option<Arc<CacheProfile>>>>,
+    /// Result keys of recent requests (see [`crate::query::KeyMemo`]).
+    keys: Mutex<LruCache<u64, crate::query::KeyMemo>>,
     pub settings: WorkerSettings,
     pub query: QuerySettings,
     pub admission: Admission,
@@ -88,6 +94,8 @@ impl AppState {
             record,
             scoreboard,
             result_cache,
+            profiles: Mutex::new(LruCache::new(REMEMBERED_STATEMENTS)),
+            keys: Mutex::new(LruCache::new(REMEMBERED_STATEMENTS)),
             query: settings.query.clone(),
             admission: Admission::new(&settings.query),
             settings,
@@ -101,6 +109,25 @@ impl AppState {
     /// The pool's counters.
     pub fn pool(&self) -> &'static PoolCounters {
         self.scoreboard.pool()
+    }
+
+    /// The result keys this worker remembers.
+    pub fn key_memo(&self) -> std::sync::MutexGuard<'_, LruCache<u64, crate::query::KeyMemo>> {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The cache profile of a statement, remembered by its text: dashboards send the same few
+    /// statements again and again.
+    pub fn cache_profile(&self, sql: &str) -> Option<Arc<CacheProfile>> {
+        let mut profiles = self.profiles.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(known) = profiles.get(sql) {
+            return known.clone();
+        }
+        let profile = ferrocorn_query_core::sql::cache_profile(sql).map(Arc::new);
+        if sql.len() <= MAX_REMEMBERED_STATEMENT {
+            profiles.insert(sql.to_owned(), profile.clone());
+        }
+        profile
     }
 
     fn request_id(&self, incoming: Option<&HeaderValue>) -> String {
@@ -324,6 +351,10 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Ready>, ApiEr
         datasets: state.engine.dataset_count(),
     }))
 }
+
+/// Statements whose cache profile a worker remembers, and the longest remembered.
+const REMEMBERED_STATEMENTS: usize = 1024;
+pub const MAX_REMEMBERED_STATEMENT: usize = 16 << 10;
 
 /// How often a worker may rescan the data directory for new or changed datasets.
 pub const RESCAN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);

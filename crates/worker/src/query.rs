@@ -492,10 +492,15 @@ async fn run_query(
         if cache.read
             && let Some(store) = state.result_cache.clone()
         {
-            let key = cache.key.clone();
-            let hit = tokio::task::spawn_blocking(move || store.get(&key))
-                .await
-                .map_err(|_| ApiError::Internal)?;
+            let hit = match store.get_hot(&cache.key) {
+                Some(entry) => Some(entry),
+                None => {
+                    let key = cache.key.clone();
+                    tokio::task::spawn_blocking(move || store.get(&key))
+                        .await
+                        .map_err(|_| ApiError::Internal)?
+                }
+            };
             if let Some(entry) = hit {
                 let mut response_headers = HeaderMap::new();
                 response_headers.insert(
@@ -720,44 +725,20 @@ impl Caching {
         format: Format,
         max_rows: u64,
     ) -> Option<Self> {
-        let catalog = state.engine.catalog();
-        let find = |name: &str| {
-            catalog
-                .iter()
-                .find(|d| d.dataset.name.eq_ignore_ascii_case(name))
-        };
-        let profile = ferrocorn_query_core::sql::cache_profile(&body.sql, |n| find(n).is_some())?;
-        let params = body
-            .params
-            .as_ref()
-            .map(|p| serde_json::to_vec(p).unwrap_or_default())
-            .unwrap_or_default();
-        let max_rows = max_rows.to_le_bytes();
-        let mut parts: Vec<&[u8]> = vec![
-            state.engine.duckdb_version().as_bytes(),
-            profile.normalised.as_bytes(),
-            &params,
-            format.name().as_bytes(),
-            &max_rows,
-        ];
-        for info in profile.names.iter().filter_map(|n| find(n)) {
-            parts.push(info.dataset.name.as_bytes());
-            parts.push(info.dataset.version.as_bytes());
-        }
-        let key = CacheKey::new(parts);
-        let etag = HeaderValue::from_str(&format!("\"{}\"", key.as_str())).ok()?;
-        let directives: Vec<String> = headers
+        let (key, etag) = result_key(state, body, format, max_rows)?;
+        let (mut no_store, mut no_cache) = (false, false);
+        for directive in headers
             .get_all(header::CACHE_CONTROL)
             .iter()
             .chain(headers.get_all(header::PRAGMA).iter())
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .map(|d| d.trim().to_ascii_lowercase())
-            .collect();
-        let no_store = directives.iter().any(|d| d == "no-store");
-        let no_cache = directives
-            .iter()
-            .any(|d| d == "no-cache" || d == "max-age=0");
+            .map(str::trim)
+        {
+            no_store |= directive.eq_ignore_ascii_case("no-store");
+            no_cache |= directive.eq_ignore_ascii_case("no-cache")
+                || directive.eq_ignore_ascii_case("max-age=0");
+        }
         let enabled = state.result_cache.is_some();
         Some(Self {
             key,
@@ -788,6 +769,90 @@ impl Caching {
             HeaderValue::from_static("private, no-cache"),
         );
     }
+}
+
+/// A result's key and `ETag`, remembered by each worker for each request shape and catalogue.
+#[derive(Debug)]
+pub struct KeyMemo {
+    sql: String,
+    params: Vec<u8>,
+    format: Format,
+    max_rows: u64,
+    /// The catalogue the key was computed from; held, so that no later catalogue can have its
+    /// address.
+    catalog: Arc<Vec<ferrocorn_query_core::DatasetInfo>>,
+    key: CacheKey,
+    etag: HeaderValue,
+}
+
+/// The result key of a request and its `ETag`, or `None` when its result may not be reused:
+/// the statement is volatile or names no dataset (see
+/// [`ferrocorn_query_core::sql::cache_profile`]).
+fn result_key(
+    state: &AppState,
+    body: &QueryBody,
+    format: Format,
+    max_rows: u64,
+) -> Option<(CacheKey, HeaderValue)> {
+    use std::hash::{Hash, Hasher};
+    let catalog = state.engine.catalog();
+    let params = body
+        .params
+        .as_ref()
+        .map(|p| serde_json::to_vec(p).unwrap_or_default())
+        .unwrap_or_default();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (&body.sql, &params, format.name(), max_rows).hash(&mut hasher);
+    let fingerprint = hasher.finish();
+    if let Some(memo) = state.key_memo().get(&fingerprint)
+        && Arc::ptr_eq(&memo.catalog, &catalog)
+        && memo.sql == body.sql
+        && memo.params == params
+        && memo.format == format
+        && memo.max_rows == max_rows
+    {
+        return Some((memo.key.clone(), memo.etag.clone()));
+    }
+
+    let find = |name: &str| {
+        catalog
+            .iter()
+            .find(|d| d.dataset.name.eq_ignore_ascii_case(name))
+    };
+    let profile = state.cache_profile(&body.sql)?;
+    if !profile.names.iter().any(|n| find(n).is_some()) {
+        // Only datasets have versions to key a result by.
+        return None;
+    }
+    let max_rows_bytes = max_rows.to_le_bytes();
+    let mut parts: Vec<&[u8]> = vec![
+        state.engine.duckdb_version().as_bytes(),
+        profile.normalised.as_bytes(),
+        &params,
+        format.name().as_bytes(),
+        &max_rows_bytes,
+    ];
+    for info in profile.names.iter().filter_map(|n| find(n)) {
+        parts.push(info.dataset.name.as_bytes());
+        parts.push(info.dataset.version.as_bytes());
+    }
+    let key = CacheKey::new(parts);
+    let etag = HeaderValue::from_str(&format!("\"{}\"", key.as_str())).ok()?;
+    if body.sql.len() <= crate::http::MAX_REMEMBERED_STATEMENT {
+        state.key_memo().insert(
+            fingerprint,
+            KeyMemo {
+                sql: body.sql.clone(),
+                params,
+                format,
+                max_rows,
+                catalog: catalog.clone(),
+                key: key.clone(),
+                etag: etag.clone(),
+            },
+        );
+    }
+    Some((key, etag))
 }
 
 fn insert_result_headers(

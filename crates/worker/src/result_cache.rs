@@ -7,6 +7,9 @@
 //! changes, so an entry can never be served for data it was not computed from; entries of old
 //! versions are simply never asked for again and age out.
 //!
+//! Each worker also keeps the entries it served last in memory (a small LRU bounded in bytes), so
+//! a hot result is answered without a file read or a trip to the blocking pool.
+//!
 //! Writes are atomic: the entry is written to a temporary file and renamed into place. The byte
 //! bound holds at all times: under the directory's lock (`flock` on `lock`), a store first makes
 //! room, evicting the least recently used entries (by modification time, which a hit refreshes),
@@ -17,10 +20,12 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use hashlink::LruCache;
 use sha2::{Digest, Sha256};
 
 use crate::scoreboard::PoolCounters;
@@ -48,10 +53,12 @@ impl CacheKey {
             hasher.update((part.len() as u64).to_le_bytes());
             hasher.update(part);
         }
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let digest = hasher.finalize();
-        let mut hex = String::with_capacity(64);
+        let mut hex = String::with_capacity(2 * digest.len());
         for byte in digest.iter() {
-            hex.push_str(&format!("{byte:02x}"));
+            hex.push(char::from(DIGITS[usize::from(byte >> 4)]));
+            hex.push(char::from(DIGITS[usize::from(byte & 0xf)]));
         }
         Self(hex)
     }
@@ -72,13 +79,52 @@ pub struct Entry {
 /// Entries touched within this long are not touched again on a hit (saves a write per hit).
 const TOUCH_AFTER: Duration = Duration::from_secs(10);
 
+/// Bytes of entries one worker keeps in memory.
+const HOT_BYTES: usize = 16 << 20;
+/// The largest entry kept in memory.
+const HOT_ENTRY_BYTES: usize = 1 << 20;
+
 /// The pool's result cache.
-#[derive(Debug)]
 pub struct ResultCache {
     dir: PathBuf,
     max_bytes: u64,
     counters: &'static PoolCounters,
     temp_names: AtomicU64,
+    hot: Mutex<Hot>,
+}
+
+impl std::fmt::Debug for ResultCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResultCache")
+            .field("dir", &self.dir)
+            .field("max_bytes", &self.max_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// This worker's most recently used entries.
+struct Hot {
+    entries: LruCache<CacheKey, Entry>,
+    bytes: usize,
+}
+
+impl Hot {
+    fn insert(&mut self, key: &CacheKey, entry: &Entry) {
+        let size = entry.body.len();
+        if size > HOT_ENTRY_BYTES {
+            return;
+        }
+        if let Some(old) = self.entries.insert(key.clone(), entry.clone()) {
+            self.bytes -= old.body.len();
+        }
+        self.bytes += size;
+        while self.bytes > HOT_BYTES {
+            match self.entries.remove_lru() {
+                Some((_, old)) => self.bytes -= old.body.len(),
+                None => break,
+            }
+        }
+    }
 }
 
 impl ResultCache {
@@ -93,6 +139,10 @@ impl ResultCache {
             max_bytes: settings.max_bytes,
             counters,
             temp_names: AtomicU64::new(0),
+            hot: Mutex::new(Hot {
+                entries: LruCache::new_unbounded(),
+                bytes: 0,
+            }),
         })
     }
 
@@ -105,9 +155,30 @@ impl ResultCache {
         self.dir.join(format!("{}.entry", key.as_str()))
     }
 
-    /// The entry for `key`, counted as a hit or a miss.
+    fn hot(&self) -> std::sync::MutexGuard<'_, Hot> {
+        self.hot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The entry for `key` if this worker holds it in memory (counted as a hit); never blocks
+    /// on the file system.
+    pub fn get_hot(&self, key: &CacheKey) -> Option<Entry> {
+        let found = self.hot().entries.get(key).cloned();
+        if found.is_some() {
+            PoolCounters::add(&self.counters.cache_hits, 1);
+        }
+        found
+    }
+
+    /// The entry for `key` from memory or disk, counted as a hit or a miss. Reads a file: call
+    /// it where blocking is allowed.
     pub fn get(&self, key: &CacheKey) -> Option<Entry> {
+        if let Some(entry) = self.get_hot(key) {
+            return Some(entry);
+        }
         let found = self.read(key);
+        if let Some(entry) = &found {
+            self.hot().insert(key, entry);
+        }
         let counter = if found.is_some() {
             &self.counters.cache_hits
         } else {
@@ -140,6 +211,7 @@ impl ResultCache {
         if size > self.max_entry_bytes() {
             return;
         }
+        self.hot().insert(key, entry);
         if let Err(e) = self.store(key, &data) {
             tracing::warn!(error = %e, dir = %self.dir.display(), "cannot store a result cache entry");
         }
@@ -321,7 +393,9 @@ mod tests {
         let path = cache.path(&key);
         let data = std::fs::read(&path).expect("read");
         std::fs::write(&path, &data[..50]).expect("truncate");
-        assert_eq!(cache.get(&key), None);
+        // Another worker (nothing in its memory) reads the damaged file.
+        let other = ResultCache::open(&settings, counters()).expect("open");
+        assert_eq!(other.get(&key), None);
     }
 
     #[test]
@@ -348,16 +422,46 @@ mod tests {
                     .open(cache.path(&keys[0]))
                     .and_then(|f| f.set_modified(old))
                     .expect("age the hot entry");
-                assert!(cache.get(&keys[0]).is_some(), "hot entry evicted at {i}");
+                // Read from disk (as a worker without it in memory would), which touches it.
+                assert!(cache.read(&keys[0]).is_some(), "hot entry evicted at {i}");
             }
         }
         assert!(PoolCounters::get(&counters.cache_evictions) > 100);
-        assert!(cache.get(&keys[199]).is_some());
-        assert!(cache.get(&keys[1]).is_none(), "a cold entry was kept");
+        assert!(cache.path(&keys[199]).exists());
+        assert!(!cache.path(&keys[1]).exists(), "a cold entry was kept");
         assert!(PoolCounters::get(&counters.cache_bytes) >= disk_bytes(dir.path()));
         // Too large for the cache: not stored.
         let big = CacheKey::new([b"big".as_slice()]);
         cache.put(&big, &entry(10 << 10, 1));
+        assert!(!cache.path(&big).exists());
         assert!(cache.get(&big).is_none());
+    }
+
+    #[test]
+    fn memory_holds_recent_entries_within_its_bound() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let counters = counters();
+        let settings = ResultCacheSettings {
+            dir: dir.path().to_owned(),
+            max_bytes: 1 << 30,
+        };
+        let cache = ResultCache::open(&settings, counters).expect("open");
+        let key = CacheKey::new([b"q".as_slice()]);
+        cache.put(&key, &entry(100, 1));
+        // Served from memory even once the file is gone.
+        std::fs::remove_file(cache.path(&key)).expect("remove");
+        assert_eq!(cache.get_hot(&key), Some(entry(100, 1)));
+        assert_eq!(PoolCounters::get(&counters.cache_hits), 1);
+        // 20 entries of 1 MiB do not fit in memory: the oldest go.
+        for i in 0..20u32 {
+            cache.put(
+                &CacheKey::new([i.to_le_bytes().as_slice()]),
+                &entry(1 << 20, 1),
+            );
+        }
+        assert!(cache.hot().bytes <= HOT_BYTES);
+        assert_eq!(cache.get_hot(&key), None);
+        let last = CacheKey::new([19u32.to_le_bytes().as_slice()]);
+        assert!(cache.get_hot(&last).is_some());
     }
 }

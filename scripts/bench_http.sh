@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Throughput of a repeated dashboard query answered from the result cache, against the health
+# endpoint (and the same query with the cache lookup skipped), through the real server.
+#
+# Usage: scripts/bench_http.sh [TPCH_DIR] [ROUNDS]     (default: data/tpch-sf1, 5)
+#
+# Starts ferrocorn (dev build, 4 workers, snapshots in TPCH_DIR.cache, max_requests 0 so that
+# recycling does not count), waits until every table is served from its snapshot, then runs wrk
+# (installed from Debian if missing) against each endpoint in turn, ROUNDS times, 5 s each, and
+# reports the median requests per second and the ratio to /healthz. wrk shares the 2 cores with
+# the server: the ratio, measured the same way for each endpoint in one run, is the figure. A
+# run with any non-2xx answer fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+data="$(realpath "${1:-data/tpch-sf1}")"
+rounds="${2:-5}"
+bin="${CARGO_TARGET_DIR:-$HOME/.cache/ferrocorn-target}/debug/ferrocorn"
+[ -f "$data/orders.parquet" ] || { echo "no TPC-H data in $data: run scripts/gen_tpch.sh 1" >&2; exit 1; }
+[ -x "$bin" ] || { echo "no ferrocorn binary at $bin: run cargo build --workspace" >&2; exit 1; }
+command -v wrk >/dev/null || apt-get install -y wrk >/dev/null
+
+work="$(mktemp -d)"
+trap 'kill -TERM "$master" 2>/dev/null; wait "$master" 2>/dev/null; rm -rf "$work"' EXIT
+cat >"$work/ferrocorn.toml" <<EOF
+bind = ["127.0.0.1:0"]
+workers = 4
+max_requests = 0
+data_dir = "$data"
+cache_dir = "$data.cache"
+temp_dir = "$work"
+
+[datasets.orders]
+sort_key = "o_orderkey"
+
+[datasets.lineitem]
+sort_key = "l_orderkey"
+EOF
+"$bin" --config "$work/ferrocorn.toml" 2>"$work/log" &
+master=$!
+for _ in $(seq 1 1200); do
+  grep -q "all workers ready" "$work/log" && break
+  sleep 0.05
+done
+port="$(sed -n 's/.*listening address=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$work/log" | head -1)"
+base="http://127.0.0.1:$port"
+echo "waiting for the snapshots (built once, then reused from $data.cache)..."
+for _ in $(seq 1 1200); do
+  if curl -fsS "$base/v1/datasets" | python3 -c '
+import json, sys
+d = json.load(sys.stdin)["datasets"]
+sys.exit(0 if d and all(x["storage"] == "snapshot" and x["pending_version"] is None for x in d) else 1)'; then
+    break
+  fi
+  sleep 0.5
+done
+
+sql="SELECT o_orderstatus, count(*) AS n, sum(o_totalprice) AS total FROM orders GROUP BY 1 ORDER BY 1"
+query="$base/v1/query?sql=$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1]))' "$sql")"
+curl -fsS -o /dev/null "$query"
+hit="$(curl -fsS -D - -o /dev/null "$query" | tr -d '\r' | sed -n 's/^x-cache: //Ip')"
+echo "second request: x-cache $hit"
+
+rps() { # wrk's requests per second for one 5-second run; fails on any non-2xx answer
+  local out
+  out="$(wrk -t2 -d5s "$@")"
+  if grep -q "Non-2xx" <<<"$out"; then
+    echo "non-2xx answers: $(grep Non-2xx <<<"$out")" >&2
+    exit 1
+  fi
+  sed -n 's/^Requests\/sec: *//p' <<<"$out"
+}
+declare -a health cached uncached
+for round in $(seq 1 "$rounds"); do
+  health+=("$(rps -c32 "$base/healthz")")
+  cached+=("$(rps -c32 "$query")")
+  # One connection per worker: the query runs each time, without queueing into 503s.
+  uncached+=("$(rps -c4 -H 'Cache-Control: no-cache' "$query")")
+  echo "round $round: healthz ${health[-1]}, cached ${cached[-1]}, uncached ${uncached[-1]} req/s"
+done
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+h="$(median "${health[@]}")"
+c="$(median "${cached[@]}")"
+u="$(median "${uncached[@]}")"
+echo
+echo "| endpoint | req/s (median of $rounds) | vs /healthz |"
+echo "| --- | --- | --- |"
+echo "| GET /healthz | $h | 100 % |"
+awk -v h="$h" -v c="$c" -v u="$u" 'BEGIN {
+  printf "| dashboard query, result cache hit | %s | %.0f %% |\n", c, 100 * c / h
+  printf "| dashboard query, Cache-Control: no-cache (runs on the snapshot) | %s | %.0f %% |\n", u, 100 * u / h
+}'
