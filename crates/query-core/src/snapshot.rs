@@ -46,6 +46,19 @@ pub enum StorageMode {
     Snapshot,
 }
 
+impl std::str::FromStr for StorageMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "parquet" => Ok(Self::Parquet),
+            "snapshot" => Ok(Self::Snapshot),
+            _ => Err(format!("{text:?} is not one of auto, snapshot, parquet")),
+        }
+    }
+}
+
 /// Per-dataset storage options (`[datasets.NAME]` in the configuration).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use ferrocorn_query_core::StorageMode;
 
 use crate::config::{ConfigError, Env, Origin, Origins, RawConfig};
 
@@ -93,6 +94,21 @@ pub struct Cli {
     /// Longest wait for a query slot, in milliseconds.
     #[arg(long, value_name = "MS")]
     pub query_queue_timeout_ms: Option<u64>,
+    /// Disk DuckDB may spill to for the whole pool, e.g. 20GB.
+    #[arg(long, value_name = "SIZE")]
+    pub duckdb_max_temp_size: Option<String>,
+    /// Directory for snapshots and the result cache (kept across restarts).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// How datasets are served: auto, snapshot or parquet.
+    #[arg(long, value_name = "MODE")]
+    pub storage: Option<StorageMode>,
+    /// Keep query results in cache_dir, shared by all workers.
+    #[arg(long, value_name = "BOOL")]
+    pub result_cache: Option<bool>,
+    /// Most bytes the result cache keeps, e.g. 256MiB.
+    #[arg(long, value_name = "SIZE")]
+    pub result_cache_size: Option<String>,
     /// Log level: debug, info, warning, error.
     #[arg(long = "log-level", value_name = "LEVEL")]
     pub loglevel: Option<String>,
@@ -156,6 +172,11 @@ impl Cli {
         flag!(max_concurrent_queries, "--max-concurrent-queries");
         flag!(query_queue_depth, "--query-queue-depth");
         flag!(query_queue_timeout_ms, "--query-queue-timeout-ms");
+        flag!(duckdb_max_temp_size, "--duckdb-max-temp-size");
+        flag!(cache_dir, "--cache-dir");
+        flag!(storage, "--storage");
+        flag!(result_cache, "--result-cache");
+        flag!(result_cache_size, "--result-cache-size");
         flag!(loglevel, "--log-level");
         flag!(errorlog, "--error-logfile");
         flag!(accesslog, "--access-logfile");

@@ -838,6 +838,56 @@ mod tests {
     }
 
     #[test]
+    fn storage_and_cache_keys_are_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f.toml");
+        std::fs::write(
+            &path,
+            "storage = \"snapshot\"\nresult_cache_size = \"64MiB\"\n\n[datasets.orders]\nsort_key = \"id\"\nstorage = \"parquet\"\n",
+        )
+        .expect("write");
+        let mut raw = RawConfig::defaults();
+        raw.overlay(
+            RawConfig::from_file(&path).expect("file"),
+            &Origin::File(path.clone()),
+            &mut Origins::default(),
+        );
+        raw.data_dir = Some(dir.path().to_owned());
+        raw.cache_dir = Some(dir.path().join("cache"));
+        let config = Config::resolve(&raw).expect("valid");
+        assert_eq!(config.storage, StorageMode::Snapshot);
+        assert_eq!(config.result_cache_bytes, Some(64 << 20));
+        assert_eq!(
+            config.datasets["orders"].storage,
+            Some(StorageMode::Parquet)
+        );
+        assert_eq!(config.datasets["orders"].sort_key.as_deref(), Some("id"));
+
+        let err = |raw: &RawConfig| Config::resolve(raw).expect_err("invalid").to_string();
+        let mut bad = raw.clone();
+        bad.result_cache = Some(false);
+        assert_eq!(Config::resolve(&bad).expect("off").result_cache_bytes, None);
+        bad.result_cache = Some(true);
+        bad.result_cache_size = Some("1KB".into());
+        assert!(err(&bad).contains("`result_cache_size`"));
+        let mut bad = raw.clone();
+        bad.cache_dir = Some(dir.path().join("missing/cache"));
+        assert!(err(&bad).contains("`cache_dir`"));
+        let mut bad = raw.clone();
+        bad.datasets = Some(BTreeMap::from([(
+            "bad-name".to_owned(),
+            DatasetOptions::default(),
+        )]));
+        assert!(err(&bad).contains("`datasets`"));
+        let mut bad = raw.clone();
+        bad.duckdb_max_temp_size = Some("lots".into());
+        assert!(err(&bad).contains("`duckdb_max_temp_size`"));
+        let unknown = "[datasets.orders]\nsort = \"id\"\n";
+        assert!(toml::from_str::<RawConfig>(unknown).is_err());
+        assert!(toml::from_str::<RawConfig>("storage = \"fast\"").is_err());
+    }
+
+    #[test]
     fn pool_budget_is_divided() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut raw = RawConfig::defaults();
