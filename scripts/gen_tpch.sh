@@ -7,7 +7,11 @@ cd "$(dirname "$0")/.."
 sf="${1:-1}"
 out="${2:-data/tpch-sf$sf}"
 if ! command -v tpchgen-cli >/dev/null 2>&1; then
-  python3 -m pip install --quiet tpchgen-cli
+  # A distribution's own Python may refuse system-wide installs (PEP 668): then install for the
+  # user, whose script directory is added to PATH below.
+  python3 -m pip install --quiet tpchgen-cli 2>/dev/null ||
+    python3 -m pip install --quiet --user --break-system-packages tpchgen-cli
+  PATH="$PATH:$(python3 -m site --user-base)/bin"
 fi
 mkdir -p "$out"
 tpchgen-cli parquet -s "$sf" --output-dir "$out"

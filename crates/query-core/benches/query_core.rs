@@ -11,50 +11,15 @@
 //! to JSON. Iterations alternate between the two so that machine noise hits both alike; the
 //! report gives medians and the ratio of throughputs.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+mod common;
 
+use std::path::Path;
+use std::time::Instant;
+
+use common::{median, run};
 use duckdb::Connection;
-use ferrocorn_query_core::arrow::datatypes::SchemaRef;
 use ferrocorn_query_core::arrow::record_batch::RecordBatch;
-use ferrocorn_query_core::{
-    Encoder, Engine, EngineSettings, Flow, Format, InterruptHandle, ParamValue, Params, QuerySpec,
-    ResultSink, Summary,
-};
-
-struct Discard {
-    encoder: Option<Encoder>,
-    bytes: usize,
-}
-
-impl ResultSink for Discard {
-    fn started(&mut self, _: Arc<InterruptHandle>) {}
-    fn schema(&mut self, schema: SchemaRef) -> Flow {
-        match Encoder::new(Format::Json, schema) {
-            Ok((encoder, head)) => {
-                self.bytes += head.len();
-                self.encoder = Some(encoder);
-                Flow::Continue
-            }
-            Err(_) => Flow::Stop,
-        }
-    }
-    fn batch(&mut self, batch: RecordBatch) -> Flow {
-        match self.encoder.as_mut().map(|e| e.batch(&batch)) {
-            Some(Ok(bytes)) => {
-                self.bytes += bytes.len();
-                Flow::Continue
-            }
-            _ => Flow::Stop,
-        }
-    }
-}
-
-fn median(samples: &mut [Duration]) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
-}
+use ferrocorn_query_core::{Encoder, Engine, EngineSettings, Format, ParamValue, Params, Summary};
 
 fn view_sql(dir: &Path, table: &str) -> String {
     format!(
@@ -64,20 +29,9 @@ fn view_sql(dir: &Path, table: &str) -> String {
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1).filter(|a| a != "--bench");
-    // Cargo runs benchmarks in the package directory: the default is the workspace's data/.
-    let dir = args.next().map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/tpch-sf1"),
-        PathBuf::from,
-    );
-    let iterations: usize = args.next().and_then(|n| n.parse().ok()).unwrap_or(200);
-    if !dir.join("orders.parquet").exists() {
-        eprintln!(
-            "no TPC-H data in {}: run scripts/gen_tpch.sh 1 first",
-            dir.display()
-        );
+    let Some((dir, iterations)) = common::args() else {
         return;
-    }
+    };
     let temp = std::env::temp_dir().join(format!("ferrocorn-bench-{}", std::process::id()));
     let engine = Engine::open(&EngineSettings {
         data_dir: dir.clone(),
@@ -136,31 +90,7 @@ fn main() {
             } else {
                 Params::default()
             };
-            let started = Instant::now();
-            let mut sink = Discard {
-                encoder: None,
-                bytes: 0,
-            };
-            let outcome = engine
-                .run(
-                    &QuerySpec {
-                        sql,
-                        params: &params,
-                        max_rows: 1_000_000,
-                    },
-                    &mut sink,
-                )
-                .expect("run");
-            if let Some(encoder) = sink.encoder.take() {
-                let tail = encoder
-                    .finish(Summary {
-                        rows: outcome.rows,
-                        truncated: outcome.truncated,
-                    })
-                    .expect("finish");
-                std::hint::black_box(tail);
-            }
-            ours_times.push(started.elapsed());
+            ours_times.push(run(&engine, sql, &params, Format::Json));
         }
         let raw_median = median(&mut raw_times);
         let ours_median = median(&mut ours_times);

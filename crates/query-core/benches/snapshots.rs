@@ -9,88 +9,27 @@
 //! four workers). One serves every table through views over its Parquet file, the other from
 //! snapshots built here first (`orders` sorted by `o_orderkey`, `lineitem` by `l_orderkey`).
 //! Each query goes through [`Engine::run`] and is encoded (JSON, Arrow for the export), as a
-//! request would be. Iterations alternate between the two engines so that machine noise hits
-//! both alike; the report gives medians and the speed-up.
+//! request would be, after one untimed pass that warms the caches. Blocks of ten iterations
+//! alternate between the two engines so that machine noise hits both alike; the report gives
+//! medians and the speed-up.
+
+mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::{median, run};
 use duckdb::Connection;
-use ferrocorn_query_core::arrow::datatypes::SchemaRef;
-use ferrocorn_query_core::arrow::record_batch::RecordBatch;
 use ferrocorn_query_core::snapshot::SnapshotDir;
 use ferrocorn_query_core::{
-    DatasetOptions, Encoder, Engine, EngineSettings, Flow, Format, InterruptHandle, ParamValue,
-    Params, QuerySpec, ResultSink, Storage, StorageMode, StorageSettings, Summary,
+    DatasetOptions, Engine, EngineSettings, Format, ParamValue, Params, Storage, StorageMode,
+    StorageSettings,
 };
 
 const MEMORY: u64 = 512 << 20;
+const BLOCK: usize = 10;
 const SORT_KEYS: [(&str, &str); 2] = [("orders", "o_orderkey"), ("lineitem", "l_orderkey")];
-
-struct Encode {
-    format: Format,
-    encoder: Option<Encoder>,
-    bytes: usize,
-}
-
-impl ResultSink for Encode {
-    fn started(&mut self, _: Arc<InterruptHandle>) {}
-    fn schema(&mut self, schema: SchemaRef) -> Flow {
-        match Encoder::new(self.format, schema) {
-            Ok((encoder, head)) => {
-                self.bytes += head.len();
-                self.encoder = Some(encoder);
-                Flow::Continue
-            }
-            Err(_) => Flow::Stop,
-        }
-    }
-    fn batch(&mut self, batch: RecordBatch) -> Flow {
-        match self.encoder.as_mut().map(|e| e.batch(&batch)) {
-            Some(Ok(bytes)) => {
-                self.bytes += bytes.len();
-                Flow::Continue
-            }
-            _ => Flow::Stop,
-        }
-    }
-}
-
-fn run(engine: &Engine, sql: &str, params: &Params, format: Format) -> Duration {
-    let started = Instant::now();
-    let mut sink = Encode {
-        format,
-        encoder: None,
-        bytes: 0,
-    };
-    let outcome = engine
-        .run(
-            &QuerySpec {
-                sql,
-                params,
-                max_rows: u64::MAX,
-            },
-            &mut sink,
-        )
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    if let Some(encoder) = sink.encoder.take() {
-        let tail = encoder
-            .finish(Summary {
-                rows: outcome.rows,
-                truncated: outcome.truncated,
-            })
-            .expect("finish");
-        std::hint::black_box(tail);
-    }
-    started.elapsed()
-}
-
-fn median(samples: &mut [Duration]) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
-}
 
 fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1e3)
@@ -125,19 +64,9 @@ fn settings(data: &Path, temp: &Path, snapshots: Option<&Path>) -> EngineSetting
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1).filter(|a| a != "--bench");
-    let dir = args.next().map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/tpch-sf1"),
-        PathBuf::from,
-    );
-    let iterations: usize = args.next().and_then(|n| n.parse().ok()).unwrap_or(200);
-    if !dir.join("lineitem.parquet").exists() {
-        eprintln!(
-            "no TPC-H data in {}: run scripts/gen_tpch.sh 1 first",
-            dir.display()
-        );
+    let Some((dir, iterations)) = common::args() else {
         return;
-    }
+    };
     let work = tempfile::tempdir().expect("tempdir");
     let snapshots = SnapshotDir::open(&work.path().join("snapshots")).expect("snapshot dir");
 
@@ -269,14 +198,23 @@ fn main() {
         }
         let mut view_times = Vec::with_capacity(n);
         let mut snap_times = Vec::with_capacity(n);
-        for i in 0..n {
-            let params = if keyed {
+        let params = |i: usize| {
+            if keyed {
                 Params::Positional(vec![ParamValue::Int(keys[i % keys.len()])])
             } else {
                 Params::default()
-            };
-            view_times.push(run(&views, sql, &params, format));
-            snap_times.push(run(&snapped, sql, &params, format));
+            }
+        };
+        // Blocks of BLOCK iterations alternate between the engines: machine noise hits both
+        // alike, and neither runs right after the other has filled the CPU caches with its data.
+        for block in (0..n).step_by(BLOCK) {
+            let block = block..(block + BLOCK).min(n);
+            for i in block.clone() {
+                view_times.push(run(&views, sql, &params(i), format));
+            }
+            for i in block {
+                snap_times.push(run(&snapped, sql, &params(i), format));
+            }
         }
         let v = median(&mut view_times);
         let s = median(&mut snap_times);

@@ -162,13 +162,15 @@ impl Engine {
                 path: settings.temp_dir.clone(),
                 source,
             })?;
-        let snapshot_dir = match &settings.storage.snapshot_dir {
-            Some(dir) => Some(SnapshotDir::open(dir).map_err(|source| Error::SnapshotDir {
-                path: dir.clone(),
-                source,
-            })?),
-            None => None,
-        };
+        // Without a usable snapshot directory the datasets are served from Parquet: slower,
+        // never wrong, and no reason to refuse to serve.
+        let snapshot_dir = settings.storage.snapshot_dir.as_ref().and_then(|dir| {
+            SnapshotDir::open(dir)
+                .inspect_err(|e| {
+                    tracing::warn!(path = %dir.display(), error = %e, "snapshots off: cannot use their directory");
+                })
+                .ok()
+        });
         let datasets = catalog::scan(&data_dir)?;
 
         let memory_limit = format!("{}MiB", (settings.memory_limit_bytes >> 20).max(16));

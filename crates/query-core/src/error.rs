@@ -21,12 +21,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot use snapshot directory {path}")]
-    SnapshotDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("cannot open DuckDB")]
     Open(#[source] duckdb::Error),
     #[error("cannot apply DuckDB setting {setting}")]

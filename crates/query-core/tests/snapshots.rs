@@ -180,14 +180,38 @@ fn write_numbers(path: &Path, n: u64, factor: u64) {
     std::fs::rename(&staging, path).expect("publish");
 }
 
-#[test]
-fn a_restart_with_unchanged_files_rebuilds_nothing() {
+/// A data directory with one dataset, `numbers` (1000 rows of `id` and `v = 2 * id`), and the
+/// settings of an engine that snapshots it. Bind `dir` (as `_dir`) for as long as it is used.
+struct Numbers {
+    dir: tempfile::TempDir,
+    data: PathBuf,
+    snapshots: PathBuf,
+    settings: EngineSettings,
+}
+
+fn numbers() -> Numbers {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     std::fs::create_dir(&data).expect("mkdir");
     write_numbers(&data.join("numbers.parquet"), 1000, 2);
     let snapshots = dir.path().join("snapshots");
-    let s = settings(&data, &dir.path().join("tmp"), Some(&snapshots));
+    let settings = settings(&data, &dir.path().join("tmp"), Some(&snapshots));
+    Numbers {
+        dir,
+        data,
+        snapshots,
+        settings,
+    }
+}
+
+#[test]
+fn a_restart_with_unchanged_files_rebuilds_nothing() {
+    let Numbers {
+        dir: _dir,
+        snapshots,
+        settings: s,
+        ..
+    } = numbers();
 
     let engine = Engine::open(&s).expect("open");
     wait_for_snapshots(&engine);
@@ -220,13 +244,13 @@ fn a_restart_with_unchanged_files_rebuilds_nothing() {
 
 #[test]
 fn a_changed_dataset_moves_to_its_new_snapshot_and_the_old_file_goes() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).expect("mkdir");
+    let Numbers {
+        dir: _dir,
+        data,
+        snapshots,
+        settings: s,
+    } = numbers();
     let file = data.join("numbers.parquet");
-    write_numbers(&file, 1000, 2);
-    let snapshots = dir.path().join("snapshots");
-    let s = settings(&data, &dir.path().join("tmp"), Some(&snapshots));
     let engine = Engine::open(&s).expect("open");
     wait_for_snapshots(&engine);
     let old = snapshot_files(&snapshots);
@@ -253,12 +277,12 @@ fn a_changed_dataset_moves_to_its_new_snapshot_and_the_old_file_goes() {
 
 #[test]
 fn a_half_written_snapshot_is_never_attached_and_is_cleaned_up() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).expect("mkdir");
-    write_numbers(&data.join("numbers.parquet"), 1000, 2);
-    let snapshots = dir.path().join("snapshots");
-    let s = settings(&data, &dir.path().join("tmp"), Some(&snapshots));
+    let Numbers {
+        dir: _dir,
+        data,
+        snapshots,
+        settings: s,
+    } = numbers();
     // What a builder killed mid-write leaves: a partial temporary file next to the target.
     let dataset = ferrocorn_query_core::catalog::scan(&data)
         .expect("scan")
@@ -278,4 +302,19 @@ fn a_half_written_snapshot_is_never_attached_and_is_cleaned_up() {
     wait_for_snapshots(&engine);
     assert_eq!(run(&engine, "SELECT sum(v) FROM numbers"), ["999000"]);
     assert_eq!(snapshot_files(&snapshots), [target]);
+}
+
+#[test]
+fn an_unusable_snapshot_directory_leaves_the_parquet_files_serving() {
+    let Numbers {
+        dir, mut settings, ..
+    } = numbers();
+    let not_a_dir = dir.path().join("file");
+    std::fs::write(&not_a_dir, b"").expect("write");
+    settings.storage.snapshot_dir = Some(not_a_dir);
+    let engine = Engine::open(&settings).expect("open without snapshots");
+    engine.refresh_if_due(Duration::ZERO);
+    assert_eq!(engine.catalog()[0].storage, Storage::Parquet);
+    assert_eq!(engine.catalog()[0].pending, None);
+    assert_eq!(run(&engine, "SELECT sum(v) FROM numbers"), ["999000"]);
 }
