@@ -359,3 +359,49 @@ fn a_worker_killed_mid_build_leaves_no_half_written_snapshot_in_use() {
         || (!temp.exists()).then_some(()),
     );
 }
+
+#[test]
+fn snapshots_and_cached_results_survive_a_restart() {
+    let setup = Setup::new().with_sample_data().key("workers", "1");
+    let snapshots = setup.path("cache/snapshots");
+    let server = setup.start();
+    let orders = wait_for_snapshot(&server, "orders", "");
+    let sql = "SELECT status, sum(amount) AS total FROM orders GROUP BY status ORDER BY status";
+    let first = query(server.addr(), sql);
+    assert_eq!(first.header("x-cache"), Some("miss"));
+    poll_until("the result to be stored", Duration::from_secs(10), || {
+        (metric(server.addr(), "ferrocorn_result_cache_stores_total") >= 1.0).then_some(())
+    });
+    let built: Vec<_> = files_with_suffix(&snapshots, ".duckdb")
+        .into_iter()
+        .map(|p| {
+            (
+                p.clone(),
+                std::fs::metadata(&p).and_then(|m| m.modified()).ok(),
+            )
+        })
+        .collect();
+    assert_eq!(built.len(), 3, "one snapshot per sample dataset: {built:?}");
+
+    let server = server.restart();
+    // Served from the same snapshot at once: nothing was rebuilt.
+    let info = get(server.addr(), "/v1/datasets/orders")
+        .expect("orders")
+        .json();
+    assert_eq!(info["storage"], "snapshot");
+    assert_eq!(info["dataset_version"], orders["dataset_version"]);
+    let now: Vec<_> = files_with_suffix(&snapshots, ".duckdb")
+        .into_iter()
+        .map(|p| {
+            (
+                p.clone(),
+                std::fs::metadata(&p).and_then(|m| m.modified()).ok(),
+            )
+        })
+        .collect();
+    assert_eq!(now, built);
+    // And the result comes from the cache the first time it is asked.
+    let again = query(server.addr(), sql);
+    assert_eq!(again.header("x-cache"), Some("hit"));
+    assert_eq!(again.body, first.body);
+}

@@ -275,6 +275,18 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Stop the server with TERM, wait for it to exit, and start it again on the same
+    /// directories and configuration (its port may change).
+    pub fn restart(mut self) -> Server {
+        self.signal(Signal::SIGTERM);
+        assert_eq!(self.wait_exit(Duration::from_secs(30)).code(), Some(0));
+        // Setup::new() only stands in for the moved-out setup until this value drops.
+        let setup = std::mem::replace(&mut self.setup, Setup::new());
+        setup.start()
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         // The master and its workers share a process group of their own.
