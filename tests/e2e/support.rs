@@ -281,8 +281,8 @@ impl Server {
     pub fn restart(mut self) -> Server {
         self.signal(Signal::SIGTERM);
         assert_eq!(self.wait_exit(Duration::from_secs(30)).code(), Some(0));
-        // Setup::new() only stands in for the moved-out setup until this value drops.
-        let setup = std::mem::replace(&mut self.setup, Setup::new());
+        // A fresh Setup stands in for the moved-out one until this value drops.
+        let setup = std::mem::take(&mut self.setup);
         setup.start()
     }
 }
