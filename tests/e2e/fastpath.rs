@@ -405,3 +405,37 @@ fn snapshots_and_cached_results_survive_a_restart() {
     assert_eq!(again.header("x-cache"), Some("hit"));
     assert_eq!(again.body, first.body);
 }
+
+#[test]
+fn an_idle_pool_rebuilds_a_changed_snapshot_before_any_request() {
+    let setup = Setup::new().with_sample_data().key("workers", "1");
+    let data = setup.path("data");
+    let snapshots = setup.path("cache/snapshots");
+    let server = setup.start();
+    let before = wait_for_snapshot(&server, "orders", "");
+    let old = files_with_suffix(&snapshots, ".duckdb");
+    assert!(old.iter().any(|p| p.to_string_lossy().contains("/orders.")));
+
+    let staging = data.join(".staging.parquet");
+    std::fs::copy(data.join("customers.parquet"), &staging).expect("copy");
+    std::fs::rename(&staging, data.join("orders.parquet")).expect("rename");
+    // No request reaches the server until the new snapshot file exists.
+    let new = poll_until("the idle worker to build", Duration::from_secs(30), || {
+        files_with_suffix(&snapshots, ".duckdb")
+            .into_iter()
+            .find(|p| p.to_string_lossy().contains("/orders.") && !old.contains(p))
+    });
+    let after = wait_for_snapshot(
+        &server,
+        "orders",
+        before["dataset_version"].as_str().expect("version"),
+    );
+    assert_eq!(
+        after["snapshot_bytes"],
+        std::fs::metadata(&new).expect("new").len()
+    );
+    assert_eq!(
+        query(server.addr(), "SELECT count(*) FROM orders").json()["rows"][0][0],
+        500
+    );
+}

@@ -172,6 +172,10 @@ async fn serve(args: WorkerArgs) -> i32 {
             stop_rx.clone(),
         )));
     }
+    // Requests rescan the data directory when they need to; this also does it when none come,
+    // so that a changed dataset's snapshot is rebuilt (and a finished one attached) even on an
+    // idle pool, before the first request after a data load.
+    let rescan = tokio::spawn(rescan(engine.clone()));
     phase.enter(WorkerPhase::Ready);
     wake_master();
 
@@ -211,6 +215,7 @@ async fn serve(args: WorkerArgs) -> i32 {
         );
     }
     heartbeat.abort();
+    rescan.abort();
     phase.enter(WorkerPhase::Exited);
     0
 }
@@ -234,6 +239,25 @@ async fn heartbeat(record: &'static WorkerRecord, interval: Duration) {
     loop {
         ticker.tick().await;
         record.beat(monotonic_ms());
+    }
+}
+
+/// How often an idle worker rescans the data directory (a busy one does it at most every
+/// [`crate::http::RESCAN_INTERVAL`], on requests).
+const IDLE_RESCAN: Duration = Duration::from_secs(2);
+
+async fn rescan(engine: Arc<Engine>) {
+    let mut ticker = tokio::time::interval(IDLE_RESCAN);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if engine.refresh_due(crate::http::RESCAN_INTERVAL) {
+            let engine = engine.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                engine.refresh_if_due(crate::http::RESCAN_INTERVAL)
+            })
+            .await;
+        }
     }
 }
 
