@@ -43,7 +43,7 @@ use duckdb::Connection;
 use crate::Error;
 use crate::catalog::{self, Dataset};
 use crate::query::{Flow, Outcome, QueryError, QuerySpec, ResultSink};
-use crate::snapshot::{BuildError, Held, Plan, SnapshotDir, StorageSettings};
+use crate::snapshot::{BuildError, Held, SnapshotDir, SnapshotPolicy, StorageSettings, Target};
 use crate::sql::SqlCheckError;
 
 /// What a worker's DuckDB instance is given.
@@ -99,8 +99,9 @@ pub struct DatasetInfo {
 const STATEMENT_CACHE: usize = 128;
 /// Idle connections kept for reuse.
 const POOL_SIZE: usize = 16;
-/// How often the builder thread looks for snapshot files no worker holds any more.
-const GC_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the builder thread looks for snapshot files no worker holds any more, besides after
+/// each build and each detach: this catches files released by workers that exited.
+const GC_INTERVAL: Duration = Duration::from_secs(60);
 
 /// One worker's DuckDB instance.
 #[derive(Debug)]
@@ -120,8 +121,8 @@ pub struct Engine {
 /// The engine's snapshot state.
 #[derive(Debug)]
 struct Snapshots {
-    settings: StorageSettings,
-    dir: Option<SnapshotDir>,
+    /// `None` when snapshots are off (or their directory is unusable).
+    policy: Option<Arc<SnapshotPolicy>>,
     /// What each snapshot-served dataset has attached.
     attached: Mutex<HashMap<String, Attachment>>,
     /// Attachments replaced or dropped, each with the generation that was current while it
@@ -209,18 +210,24 @@ impl Engine {
         if let Some(dir) = &snapshot_dir {
             allowed.push(quote_dir(dir.path()));
         }
+
         let version = conn
             .query_row("SELECT version()", [], |row| row.get::<_, String>(0))
             .map_err(Error::Query)?;
+        let policy = snapshot_dir.map(|dir| {
+            Arc::new(SnapshotPolicy {
+                dir,
+                storage: settings.storage.clone(),
+                duckdb_version: version.clone(),
+            })
+        });
         let failed = Arc::new(Mutex::new(HashSet::new()));
-        let builder = match &snapshot_dir {
-            Some(dir) => Some(Builder::start(
+        let builder = match &policy {
+            Some(policy) => Some(Builder::start(
                 conn.try_clone().map_err(Error::Open)?,
                 BuilderContext {
-                    dir: dir.clone(),
+                    policy: policy.clone(),
                     data_dir: data_dir.clone(),
-                    storage: settings.storage.clone(),
-                    duckdb_version: version.clone(),
                     failed: failed.clone(),
                 },
             )),
@@ -231,8 +238,7 @@ impl Engine {
             pool: Mutex::new(Vec::new()),
             catalog: RwLock::new(Arc::new(Vec::new())),
             snapshots: Snapshots {
-                settings: settings.storage.clone(),
-                dir: snapshot_dir,
+                policy,
                 attached: Mutex::new(HashMap::new()),
                 retired: Mutex::new(Vec::new()),
                 generation: Mutex::new(Arc::new(())),
@@ -357,23 +363,25 @@ impl Engine {
         old: Option<&DatasetInfo>,
     ) -> Result<DatasetInfo, Error> {
         let snapshots = &self.snapshots;
-        let (dir, sort_key) = match (&snapshots.dir, snapshots.settings.plan(&dataset)) {
-            (Some(dir), Plan::Snapshot { sort_key }) => (dir, sort_key),
-            _ => return self.serve_parquet(conn, dataset, old, None),
+        let Some((policy, target)) = snapshots
+            .policy
+            .as_ref()
+            .and_then(|p| Some((p, p.target(&dataset)?)))
+        else {
+            return self.serve_parquet(conn, dataset, old, None);
         };
-        let target = dir.target(&dataset, sort_key.as_deref(), &self.version);
         if let Some(old) = old
-            && matches!(&old.storage, Storage::Snapshot { file, .. } if *file == target)
+            && matches!(&old.storage, Storage::Snapshot { file, .. } if *file == target.path)
         {
             return Ok(DatasetInfo {
                 pending: None,
                 ..old.clone()
             });
         }
-        if lock(&snapshots.failed).contains(&target) {
+        if lock(&snapshots.failed).contains(&target.path) {
             return self.serve_parquet(conn, dataset, old, None);
         }
-        if let Some(held) = dir.hold(&target) {
+        if let Some(held) = policy.dir.hold(&target.path) {
             let info = self.attach(conn, dataset, held)?;
             tracing::info!(dataset = %info.dataset.name, version = %info.dataset.version, "serving snapshot");
             return Ok(info);
@@ -381,7 +389,6 @@ impl Engine {
         if let Some(builder) = &snapshots.builder {
             builder.request(BuildJob {
                 dataset: dataset.clone(),
-                sort_key,
                 target,
             });
         }
@@ -490,8 +497,10 @@ impl Engine {
         lock(&self.snapshots.retired).push((attachment, generation));
     }
 
-    /// Detach retired snapshots that no running query can still be reading.
+    /// Detach retired snapshots that no running query can still be reading, and have the
+    /// builder look for files that lost their last holder.
     fn detach_drained(&self, conn: &Connection) {
+        let mut detached = false;
         lock(&self.snapshots.retired).retain(|(attachment, generation)| {
             if Arc::strong_count(generation) > 1 {
                 return true;
@@ -501,8 +510,12 @@ impl Engine {
                 tracing::warn!(alias = %attachment.alias, error = %e, "cannot detach snapshot");
                 return true;
             }
+            detached = true;
             false
         });
+        if detached && let Some(builder) = &self.snapshots.builder {
+            builder.collect();
+        }
     }
 
     /// Ask DuckDB to answer `SELECT 1` (readiness).
@@ -685,60 +698,56 @@ impl Drop for Pooled<'_> {
 #[derive(Debug)]
 struct BuildJob {
     dataset: Dataset,
-    sort_key: Option<String>,
-    target: PathBuf,
+    target: Target,
+}
+
+/// What the builder thread is asked to do.
+#[derive(Debug)]
+enum Work {
+    Build(BuildJob),
+    /// A snapshot was detached: its file may have no holder left.
+    Collect,
 }
 
 /// What the builder thread needs besides its connection.
 #[derive(Debug)]
 struct BuilderContext {
-    dir: SnapshotDir,
+    policy: Arc<SnapshotPolicy>,
     data_dir: PathBuf,
-    storage: StorageSettings,
-    duckdb_version: String,
     failed: Arc<Mutex<HashSet<PathBuf>>>,
 }
 
 impl BuilderContext {
-    /// The snapshot every dataset of a fresh scan should be served from.
-    fn targets(&self) -> Option<HashSet<PathBuf>> {
-        let datasets = catalog::scan(&self.data_dir).ok()?;
-        Some(
-            datasets
-                .iter()
-                .filter_map(|d| match self.storage.plan(d) {
-                    Plan::Snapshot { sort_key } => Some(self.dir.target(
-                        d,
-                        sort_key.as_deref(),
-                        &self.duckdb_version,
-                    )),
-                    Plan::Parquet => None,
-                })
-                .collect(),
-        )
+    /// Remove the snapshot files no current target needs and no process holds.
+    fn collect_garbage(&self) {
+        let targets = || Some(self.policy.targets(&catalog::scan(&self.data_dir).ok()?));
+        for path in self.policy.dir.collect_garbage(targets) {
+            tracing::info!(path = %path.display(), "snapshot file removed");
+        }
     }
 
     fn build(&self, conn: &Connection, job: &BuildJob) {
         let started = Instant::now();
         let name = &job.dataset.name;
-        match self.dir.build(
+        let target = &job.target;
+        match self.policy.dir.build(
             conn,
             &self.data_dir,
             &job.dataset,
-            job.sort_key.as_deref(),
-            &job.target,
+            target.sort_key.as_deref(),
+            &target.path,
         ) {
             Ok(true) => tracing::info!(
                 dataset = %name,
                 version = %job.dataset.version,
                 seconds = started.elapsed().as_secs_f64(),
-                bytes = std::fs::metadata(&job.target).map_or(0, |m| m.len()),
+                bytes = std::fs::metadata(&target.path).map_or(0, |m| m.len()),
                 "snapshot built"
             ),
             Ok(false) | Err(BuildError::Busy | BuildError::Changed) => {}
             Err(e) => {
                 tracing::warn!(dataset = %name, error = %crate::error::chain(&e), "snapshot build failed; serving Parquet");
-                lock(&self.failed).insert(job.target.clone());
+                lock(&self.failed).insert(target.path.clone());
             }
         }
     }
@@ -747,7 +756,7 @@ impl BuilderContext {
 /// The worker's snapshot builder: a thread that builds requested snapshots one at a time and
 /// collects unused ones.
 struct Builder {
-    jobs: Mutex<Option<mpsc::Sender<BuildJob>>>,
+    work: Mutex<Option<mpsc::Sender<Work>>>,
     /// Targets requested and not yet attempted, so a job is queued once.
     queued: Arc<Mutex<HashSet<PathBuf>>>,
     interrupt: Arc<duckdb::InterruptHandle>,
@@ -764,7 +773,7 @@ impl std::fmt::Debug for Builder {
 
 impl Builder {
     fn start(conn: Connection, context: BuilderContext) -> Self {
-        let (tx, rx) = mpsc::channel::<BuildJob>();
+        let (tx, rx) = mpsc::channel::<Work>();
         let queued = Arc::new(Mutex::new(HashSet::new()));
         let interrupt = conn.interrupt_handle();
         let thread = {
@@ -774,22 +783,20 @@ impl Builder {
                 .spawn(move || {
                     loop {
                         match rx.recv_timeout(GC_INTERVAL) {
-                            Ok(job) => {
+                            Ok(Work::Build(job)) => {
                                 context.build(&conn, &job);
-                                lock(&queued).remove(&job.target);
+                                lock(&queued).remove(&job.target.path);
                             }
-                            Err(mpsc::RecvTimeoutError::Timeout) => {}
+                            Ok(Work::Collect) | Err(mpsc::RecvTimeoutError::Timeout) => {}
                             Err(mpsc::RecvTimeoutError::Disconnected) => return,
                         }
-                        for path in context.dir.collect_garbage(|| context.targets()) {
-                            tracing::info!(path = %path.display(), "snapshot file removed");
-                        }
+                        context.collect_garbage();
                     }
                 })
                 .ok()
         };
         Self {
-            jobs: Mutex::new(Some(tx)),
+            work: Mutex::new(Some(tx)),
             queued,
             interrupt,
             thread,
@@ -797,17 +804,25 @@ impl Builder {
     }
 
     fn request(&self, job: BuildJob) {
-        if !lock(&self.queued).insert(job.target.clone()) {
-            return;
+        if lock(&self.queued).insert(job.target.path.clone()) {
+            self.send(Work::Build(job));
         }
-        if let Some(jobs) = lock(&self.jobs).as_ref() {
-            let _ = jobs.send(job);
+    }
+
+    /// Look for snapshot files that have lost their last holder.
+    fn collect(&self) {
+        self.send(Work::Collect);
+    }
+
+    fn send(&self, work: Work) {
+        if let Some(tx) = lock(&self.work).as_ref() {
+            let _ = tx.send(work);
         }
     }
 
     /// Interrupt a build in progress and wait for the thread to end.
     fn stop(mut self) {
-        lock(&self.jobs).take();
+        lock(&self.work).take();
         self.interrupt.interrupt();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();

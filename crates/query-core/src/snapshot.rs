@@ -18,7 +18,9 @@
 //!
 //! Garbage collection runs under the build lock after a fresh scan of the data directory: a
 //! snapshot that is not the current target of its dataset and that no worker holds (an exclusive
-//! `flock` succeeds) is removed, and so is every temporary file.
+//! `flock` succeeds) is removed, and so is every temporary file. A worker's builder runs it after
+//! each build and each time its worker detaches a snapshot (the moments a file can lose its last
+//! holder), and once a minute for files released by workers that exited.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, TryLockError};
@@ -85,31 +87,52 @@ pub struct StorageSettings {
     pub auto_max_bytes: u64,
 }
 
-/// What to serve a dataset from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Plan {
-    Parquet,
-    Snapshot { sort_key: Option<String> },
+/// Which snapshot file each dataset should be served from: the storage settings applied to one
+/// snapshot directory and one DuckDB version. The engine and its builder share one.
+#[derive(Debug)]
+pub struct SnapshotPolicy {
+    pub dir: SnapshotDir,
+    pub storage: StorageSettings,
+    pub duckdb_version: String,
 }
 
-impl StorageSettings {
-    /// The storage a dataset should be served from.
-    pub fn plan(&self, dataset: &Dataset) -> Plan {
-        let options = self.datasets.get(&dataset.name);
-        let mode = options.and_then(|o| o.storage).unwrap_or(self.default_mode);
-        let snapshot = self.snapshot_dir.is_some()
-            && match mode {
-                StorageMode::Parquet => false,
-                StorageMode::Snapshot => true,
-                StorageMode::Auto => dataset.bytes <= self.auto_max_bytes,
-            };
-        if snapshot {
-            Plan::Snapshot {
-                sort_key: options.and_then(|o| o.sort_key.clone()),
+/// The snapshot a dataset should be served from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub path: PathBuf,
+    pub sort_key: Option<String>,
+}
+
+impl SnapshotPolicy {
+    /// The snapshot `dataset` should be served from, or `None` for Parquet views.
+    pub fn target(&self, dataset: &Dataset) -> Option<Target> {
+        let options = self.storage.datasets.get(&dataset.name);
+        let mode = options
+            .and_then(|o| o.storage)
+            .unwrap_or(self.storage.default_mode);
+        let snapshot = match mode {
+            StorageMode::Parquet => false,
+            StorageMode::Snapshot => true,
+            StorageMode::Auto => dataset.bytes <= self.storage.auto_max_bytes,
+        };
+        snapshot.then(|| {
+            let sort_key = options.and_then(|o| o.sort_key.clone());
+            Target {
+                path: self
+                    .dir
+                    .target(dataset, sort_key.as_deref(), &self.duckdb_version),
+                sort_key,
             }
-        } else {
-            Plan::Parquet
-        }
+        })
+    }
+
+    /// The snapshot files `datasets` should be served from.
+    pub fn targets(&self, datasets: &[Dataset]) -> HashSet<PathBuf> {
+        datasets
+            .iter()
+            .filter_map(|d| self.target(d))
+            .map(|t| t.path)
+            .collect()
     }
 }
 
