@@ -359,14 +359,18 @@ pub const MAX_REMEMBERED_STATEMENT: usize = 16 << 10;
 /// How often a worker may rescan the data directory for new or changed datasets.
 pub const RESCAN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-async fn fresh_catalog(state: &AppState) -> Result<Arc<Vec<DatasetInfo>>, ApiError> {
-    let engine = state.engine.clone();
-    tokio::task::spawn_blocking(move || {
-        engine.refresh_if_due(RESCAN_INTERVAL);
-        engine.catalog()
-    })
-    .await
-    .map_err(|_| ApiError::Internal)
+/// Rescan the data directory if the last scan is older than [`RESCAN_INTERVAL`], off the event
+/// loop; nothing to do (and no trip to the blocking pool) otherwise.
+pub async fn refresh_catalog(engine: &Arc<Engine>) {
+    if engine.refresh_due(RESCAN_INTERVAL) {
+        let engine = engine.clone();
+        let _ = tokio::task::spawn_blocking(move || engine.refresh_if_due(RESCAN_INTERVAL)).await;
+    }
+}
+
+async fn fresh_catalog(state: &AppState) -> Arc<Vec<DatasetInfo>> {
+    refresh_catalog(&state.engine).await;
+    state.engine.catalog()
 }
 
 fn describe(info: &DatasetInfo) -> DatasetDoc {
@@ -399,11 +403,11 @@ fn describe(info: &DatasetInfo) -> DatasetDoc {
 /// The catalogue: every dataset of the data directory.
 #[utoipa::path(get, path = "/v1/datasets", tag = "datasets",
     responses((status = 200, description = "The datasets, by name", body = DatasetList)))]
-async fn list_datasets(State(state): State<Arc<AppState>>) -> Result<Json<DatasetList>, ApiError> {
-    let catalog = fresh_catalog(&state).await?;
-    Ok(Json(DatasetList {
+async fn list_datasets(State(state): State<Arc<AppState>>) -> Json<DatasetList> {
+    let catalog = fresh_catalog(&state).await;
+    Json(DatasetList {
         datasets: catalog.iter().map(describe).collect(),
-    }))
+    })
 }
 
 /// One dataset.
@@ -417,7 +421,7 @@ async fn get_dataset(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<Json<DatasetDoc>, ApiError> {
-    let catalog = fresh_catalog(&state).await?;
+    let catalog = fresh_catalog(&state).await;
     catalog
         .iter()
         .find(|d| d.dataset.name == name)

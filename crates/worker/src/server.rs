@@ -251,13 +251,7 @@ async fn rescan(engine: Arc<Engine>) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        if engine.refresh_due(crate::http::RESCAN_INTERVAL) {
-            let engine = engine.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                engine.refresh_if_due(crate::http::RESCAN_INTERVAL)
-            })
-            .await;
-        }
+        crate::http::refresh_catalog(&engine).await;
     }
 }
 
