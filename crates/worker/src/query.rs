@@ -474,13 +474,8 @@ async fn run_query(
     });
     PoolCounters::add(&state.pool().queries, 1);
 
-    // The dataset versions in the cache key must be current: rescan first when one is due.
-    if state.engine.refresh_due(crate::http::RESCAN_INTERVAL) {
-        let engine = state.engine.clone();
-        tokio::task::spawn_blocking(move || engine.refresh_if_due(crate::http::RESCAN_INTERVAL))
-            .await
-            .map_err(|_| ApiError::Internal)?;
-    }
+    // The dataset versions in the cache key (and the views the query reads) must be current.
+    crate::http::refresh_catalog(&state.engine).await;
     let cache = Caching::plan(&state, headers, &body, format, max_rows);
     if let Some(cache) = &cache {
         if cache.matches(headers.get(header::IF_NONE_MATCH)) {
@@ -496,20 +491,13 @@ async fn run_query(
                 Some(entry) => Some(entry),
                 None => {
                     let key = cache.key.clone();
-                    tokio::task::spawn_blocking(move || store.get(&key))
+                    tokio::task::spawn_blocking(move || store.load(&key))
                         .await
                         .map_err(|_| ApiError::Internal)?
                 }
             };
             if let Some(entry) = hit {
-                let mut response_headers = HeaderMap::new();
-                response_headers.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static(format.media_type()),
-                );
-                insert_disposition(&mut response_headers, format);
-                cache.insert_headers(&mut response_headers);
-                response_headers.insert("x-cache", HeaderValue::from_static("hit"));
+                let mut response_headers = answer_headers(format, Some(cache), true);
                 let summary = Summary {
                     rows: entry.rows,
                     truncated: entry.truncated,
@@ -553,7 +541,6 @@ async fn run_query(
                 params: &params,
                 max_rows,
             };
-            engine.refresh_if_due(crate::http::RESCAN_INTERVAL);
             let result = engine.run(&spec, &mut sink);
             let chunk = match result {
                 Ok(Outcome { stopped: true, .. }) => return,
@@ -602,24 +589,7 @@ async fn run_query(
         }
     }
 
-    let mut response_headers = HeaderMap::new();
-    response_headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(format.media_type()),
-    );
-    insert_disposition(&mut response_headers, format);
-    match &cache {
-        Some(cache) => {
-            cache.insert_headers(&mut response_headers);
-            response_headers.insert(
-                "x-cache",
-                HeaderValue::from_static(if cache.read { "miss" } else { "bypass" }),
-            );
-        }
-        None => {
-            response_headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        }
-    }
+    let mut response_headers = answer_headers(format, cache.as_ref(), false);
     if let Some((summary, encode)) = end {
         running.finish();
         let exec = exec_started.elapsed().saturating_sub(encode);
@@ -695,13 +665,35 @@ async fn run_query(
     Ok((StatusCode::OK, response_headers, body).into_response())
 }
 
-fn insert_disposition(headers: &mut HeaderMap, format: Format) {
+/// The headers of a 200 answer before its result's own: media type, download name, and what
+/// caches may do with it (`hit`: it comes from the result cache).
+fn answer_headers(format: Format, cache: Option<&Caching>, hit: bool) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.media_type()),
+    );
     if format == Format::Parquet {
         headers.insert(
             header::CONTENT_DISPOSITION,
             HeaderValue::from_static("attachment; filename=\"result.parquet\""),
         );
     }
+    match cache {
+        Some(cache) => {
+            cache.insert_headers(&mut headers);
+            let status = match (hit, cache.read) {
+                (true, _) => "hit",
+                (false, true) => "miss",
+                (false, false) => "bypass",
+            };
+            headers.insert("x-cache", HeaderValue::from_static(status));
+        }
+        None => {
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        }
+    }
+    headers
 }
 
 /// How one request may use the result cache and conditional requests.

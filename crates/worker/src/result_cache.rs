@@ -18,7 +18,7 @@
 //! real and entries are evicted down to 90 % of the bound.
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -169,12 +169,15 @@ impl ResultCache {
         found
     }
 
-    /// The entry for `key` from memory or disk, counted as a hit or a miss. Reads a file: call
-    /// it where blocking is allowed.
+    /// The entry for `key` from memory or disk, counted as a hit or a miss. May read a file:
+    /// call it where blocking is allowed.
     pub fn get(&self, key: &CacheKey) -> Option<Entry> {
-        if let Some(entry) = self.get_hot(key) {
-            return Some(entry);
-        }
+        self.get_hot(key).or_else(|| self.load(key))
+    }
+
+    /// The entry for `key` from disk (kept in memory from then on), counted as a hit or a miss.
+    /// Reads a file: call it where blocking is allowed, after [`Self::get_hot`] found nothing.
+    pub fn load(&self, key: &CacheKey) -> Option<Entry> {
         let found = self.read(key);
         if let Some(entry) = &found {
             self.hot().insert(key, entry);
@@ -189,10 +192,11 @@ impl ResultCache {
     }
 
     fn read(&self, key: &CacheKey) -> Option<Entry> {
-        let path = self.path(key);
-        let file = File::open(&path).ok()?;
-        let modified = file.metadata().and_then(|m| m.modified()).ok()?;
-        let data = std::fs::read(&path).ok()?;
+        let mut file = File::open(self.path(key)).ok()?;
+        let meta = file.metadata().ok()?;
+        let modified = meta.modified().ok()?;
+        let mut data = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+        file.read_to_end(&mut data).ok()?;
         let entry = decode(&data)?;
         if SystemTime::now()
             .duration_since(modified)
