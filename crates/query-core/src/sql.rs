@@ -52,16 +52,8 @@ enum Token {
 }
 
 /// Split `sql` into tokens, skipping comments and the contents of literals. Each token comes
-/// with the byte offset where it starts.
-fn tokenize(sql: &str) -> Result<Vec<(Token, usize)>, SqlCheckError> {
-    Ok(tokenize_spans(sql)?
-        .into_iter()
-        .map(|(token, start, _)| (token, start))
-        .collect())
-}
-
-/// [`tokenize`], with the byte offset where each token ends.
-fn tokenize_spans(sql: &str) -> Result<Vec<(Token, usize, usize)>, SqlCheckError> {
+/// with the byte offsets where it starts and ends.
+fn tokenize(sql: &str) -> Result<Vec<(Token, usize, usize)>, SqlCheckError> {
     let indexed: Vec<(usize, char)> = sql.char_indices().collect();
     let chars: Vec<char> = indexed.iter().map(|&(_, c)| c).collect();
     let offset = |i: usize| indexed.get(i).map_or(sql.len(), |&(o, _)| o);
@@ -277,7 +269,7 @@ const QUERY_START: &[&str] = &["SELECT", "VALUES", "FROM", "TABLE", "WITH"];
 /// Check that `sql` is exactly one read-only statement; returns it without a trailing `;`.
 pub fn check(sql: &str) -> Result<&str, SqlCheckError> {
     let spanned = tokenize(sql)?;
-    let tokens: Vec<Token> = spanned.iter().map(|(t, _)| t.clone()).collect();
+    let tokens: Vec<Token> = spanned.iter().map(|(t, _, _)| t.clone()).collect();
     let statements: Vec<&[Token]> = tokens
         .split(|t| *t == Token::Semicolon)
         .filter(|s| !s.is_empty())
@@ -300,16 +292,16 @@ pub fn check(sql: &str) -> Result<&str, SqlCheckError> {
     // The statement's text runs from its first token to the first semicolon after its last.
     let start = spanned
         .iter()
-        .find(|(t, _)| *t != Token::Semicolon)
-        .map_or(0, |&(_, o)| o);
+        .find(|(t, _, _)| *t != Token::Semicolon)
+        .map_or(0, |&(_, o, _)| o);
     let last = spanned
         .iter()
-        .rposition(|(t, _)| *t != Token::Semicolon)
+        .rposition(|(t, _, _)| *t != Token::Semicolon)
         .unwrap_or(0);
     let end = spanned[last..]
         .iter()
-        .find(|(t, _)| *t == Token::Semicolon)
-        .map_or(sql.len(), |&(_, o)| o);
+        .find(|(t, _, _)| *t == Token::Semicolon)
+        .map_or(sql.len(), |&(_, o, _)| o);
     Ok(sql[start..end].trim_end())
 }
 
@@ -473,7 +465,7 @@ const UNCACHEABLE_PREFIXES: &[&str] = &[
 /// caller also refuses a statement none of whose [`CacheProfile::names`] is a dataset: only
 /// datasets have versions to put in a key.
 pub fn cache_profile(sql: &str) -> Option<CacheProfile> {
-    let tokens = tokenize_spans(sql).ok()?;
+    let tokens = tokenize(sql).ok()?;
     let mut normalised = String::with_capacity(sql.len());
     let mut names = Vec::new();
     let mut previous_end = None;
