@@ -22,16 +22,6 @@ import time
 import urllib.error
 import urllib.request
 
-Q1 = """SELECT l_returnflag, l_linestatus, sum(l_quantity) AS sum_qty,
-  sum(l_extendedprice) AS sum_base_price,
-  sum(l_extendedprice * (1 - l_discount)) AS sum_disc_price,
-  sum(l_extendedprice * (1 - l_discount) * (1 + l_tax)) AS sum_charge,
-  avg(l_quantity) AS avg_qty, avg(l_extendedprice) AS avg_price, avg(l_discount) AS avg_disc,
-  count(*) AS count_order
-FROM lineitem WHERE l_shipdate <= DATE '1998-12-01' - INTERVAL 90 DAY
-GROUP BY l_returnflag, l_linestatus ORDER BY l_returnflag, l_linestatus"""
-
-
 def rss_kb(pid):
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -149,13 +139,11 @@ sort_key = "l_orderkey"
     statuses = collections.Counter()
     latencies = []
     lock = threading.Lock()
-    if args.queries == "q1":
-        bodies = [json.dumps({"sql": Q1}).encode()]
-    else:
-        bodies = []
-        for n in range(1, 23):
-            with open(os.path.join(here, "tpch", f"q{n:02}.sql")) as f:
-                bodies.append(json.dumps({"sql": f.read()}).encode())
+    numbers = [1] if args.queries == "q1" else range(1, 23)
+    bodies = []
+    for n in numbers:
+        with open(os.path.join(here, "tpch", f"q{n:02}.sql")) as f:
+            bodies.append(json.dumps({"sql": f.read()}).encode())
 
     def client(i):
         body = bodies[i % len(bodies)]
