@@ -446,19 +446,19 @@ impl Engine {
             quote(&held.path)
         ))
         .map_err(failed)?;
+        // Everything that can fail is read from the attached table before the view moves to it,
+        // so a failure leaves the view on what it served.
         let table = format!("\"{alias}\".main.data");
-        let described = conn
-            .execute_batch(&format!(
+        let described = describe(conn, &table).and_then(|columns| {
+            let rows = conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| {
+                r.get::<_, i64>(0)
+            })?;
+            conn.execute_batch(&format!(
                 "CREATE OR REPLACE VIEW \"{}\" AS SELECT * FROM {table}",
                 dataset.name
-            ))
-            .and_then(|()| describe(conn, &dataset.name))
-            .and_then(|columns| {
-                let rows = conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| {
-                    r.get::<_, i64>(0)
-                })?;
-                Ok((columns, rows))
-            });
+            ))?;
+            Ok((columns, rows))
+        });
         let (columns, rows) = match described {
             Ok(found) => found,
             Err(e) => {
@@ -834,9 +834,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn describe(conn: &Connection, name: &str) -> duckdb::Result<Vec<Column>> {
+/// The columns of `relation` (SQL text: a quoted name or a qualified table).
+fn describe(conn: &Connection, relation: &str) -> duckdb::Result<Vec<Column>> {
     let mut statement = conn.prepare(&format!(
-        "SELECT column_name, column_type FROM (DESCRIBE \"{name}\")"
+        "SELECT column_name, column_type FROM (DESCRIBE {relation})"
     ))?;
     statement
         .query_map([], |row| {
@@ -860,7 +861,7 @@ fn register(
         source,
     };
     conn.execute_batch(&dataset.view_sql()).map_err(failed)?;
-    let columns = describe(conn, &dataset.name).map_err(failed)?;
+    let columns = describe(conn, &format!("\"{}\"", dataset.name)).map_err(failed)?;
     let row_estimate = conn
         .query_row(
             &format!(
