@@ -558,22 +558,17 @@ impl Engine {
         spec: &QuerySpec<'_>,
         sink: &mut dyn ResultSink,
     ) -> Result<Outcome, QueryError> {
-        let checked = crate::sql::check(spec.sql);
+        let sql = match crate::sql::check(spec.sql) {
+            Ok(sql) => sql,
+            Err(SqlCheckError::Unrecognized(word)) => {
+                return Err(self.refuse_unrecognized(spec.sql, word));
+            }
+            Err(other) => return Err(other.into()),
+        };
         // Snapshots this query may read stay attached until it ends.
         let _generation = lock(&self.snapshots.generation).clone();
         let pooled = self.checkout()?;
         let conn = pooled.conn();
-        let sql = match checked {
-            Ok(sql) => sql,
-            Err(SqlCheckError::Unrecognized(word)) => {
-                // One statement of an unknown kind: DuckDB's parser says what is wrong with it
-                // (preparing a single statement executes nothing); it is refused either way.
-                conn.prepare(spec.sql.trim())
-                    .map_err(QueryError::from_duckdb)?;
-                return Err(SqlCheckError::NotAllowed(word).into());
-            }
-            Err(other) => return Err(other.into()),
-        };
         sink.started(conn.interrupt_handle());
         let mut statement = conn.prepare_cached(sql).map_err(QueryError::from_duckdb)?;
         let names: Vec<String> = (1..=statement.parameter_count())
@@ -592,6 +587,23 @@ impl Engine {
             statement.discard();
         }
         streamed.map(|(outcome, _)| outcome)
+    }
+
+    /// The answer to one statement of a kind the check does not know: DuckDB's parser says what
+    /// is wrong with it if it can (preparing a single statement executes nothing); it is refused
+    /// either way.
+    fn refuse_unrecognized(&self, sql: &str, word: String) -> QueryError {
+        let parsed = self.checkout().and_then(|pooled| {
+            pooled
+                .conn()
+                .prepare(sql.trim())
+                .map(drop)
+                .map_err(QueryError::from_duckdb)
+        });
+        match parsed {
+            Err(e) => e,
+            Ok(()) => SqlCheckError::NotAllowed(word).into(),
+        }
     }
 
     /// How many datasets are registered.
