@@ -76,6 +76,9 @@ pub struct Entry {
     pub body: Bytes,
 }
 
+/// A temporary file older than this belongs to no store in progress.
+const STALE_TEMP: Duration = Duration::from_secs(60);
+
 /// Entries touched within this long are not touched again on a hit (saves a write per hit).
 const TOUCH_AFTER: Duration = Duration::from_secs(10);
 
@@ -227,18 +230,23 @@ impl ResultCache {
             std::process::id(),
             self.temp_names.fetch_add(1, Ordering::Relaxed)
         ));
-        let written = File::create(&temp).and_then(|mut f| f.write_all(data));
-        if let Err(e) = written {
+        let stored = File::create(&temp)
+            .and_then(|mut f| f.write_all(data))
+            .and_then(|()| self.publish(&temp, key, data.len() as u64));
+        if stored.is_err() {
             let _ = std::fs::remove_file(&temp);
-            return Err(e);
         }
+        stored
+    }
+
+    /// Make room for `size` bytes and rename the written `temp` into place, under the lock.
+    fn publish(&self, temp: &Path, key: &CacheKey, size: u64) -> std::io::Result<()> {
         let lock = File::options()
             .create(true)
             .truncate(false)
             .write(true)
             .open(self.dir.join("lock"))?;
         lock.lock()?;
-        let size = data.len() as u64;
         let bytes = &self.counters.cache_bytes;
         if self.counters.cache_bytes_known.load(Ordering::Acquire) == 0
             || bytes.load(Ordering::Acquire) + size > self.max_bytes
@@ -253,12 +261,13 @@ impl ResultCache {
         }
         // Counted before the file appears: the counter is never below what is on disk.
         bytes.fetch_add(size, Ordering::AcqRel);
-        let renamed = std::fs::rename(&temp, self.path(key));
-        if renamed.is_err() {
-            bytes.fetch_sub(size, Ordering::AcqRel);
-            let _ = std::fs::remove_file(&temp);
+        let renamed = std::fs::rename(temp, self.path(key));
+        match renamed {
+            Ok(()) => PoolCounters::add(&self.counters.cache_stores, 1),
+            Err(_) => {
+                bytes.fetch_sub(size, Ordering::AcqRel);
+            }
         }
-        PoolCounters::add(&self.counters.cache_stores, 1);
         renamed
     }
 
@@ -268,14 +277,28 @@ impl ResultCache {
         let Ok(dir) = std::fs::read_dir(&self.dir) else {
             return 0;
         };
-        let mut entries: Vec<(SystemTime, u64, PathBuf)> = dir
-            .flatten()
-            .filter(|e| e.path().extension().is_some_and(|x| x == "entry"))
-            .filter_map(|e| {
-                let meta = e.metadata().ok()?;
-                Some((meta.modified().ok()?, meta.len(), e.path()))
-            })
-            .collect();
+        let now = SystemTime::now();
+        let mut entries: Vec<(SystemTime, u64, PathBuf)> = Vec::new();
+        for entry in dir.flatten() {
+            let path = entry.path();
+            let Some((modified, len)) = entry
+                .metadata()
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())))
+            else {
+                continue;
+            };
+            if path.extension().is_some_and(|x| x == "entry") {
+                entries.push((modified, len, path));
+            } else if entry.file_name().to_string_lossy().starts_with(".tmp-")
+                && now
+                    .duration_since(modified)
+                    .is_ok_and(|age| age > STALE_TEMP)
+            {
+                // Left by a worker that died between writing and publishing.
+                let _ = std::fs::remove_file(&path);
+            }
+        }
         let mut total: u64 = entries.iter().map(|(_, len, _)| len).sum();
         if total <= target {
             return total;
@@ -467,5 +490,31 @@ mod tests {
         assert_eq!(cache.get_hot(&key), None);
         let last = CacheKey::new([19u32.to_le_bytes().as_slice()]);
         assert!(cache.get_hot(&last).is_some());
+    }
+
+    #[test]
+    fn a_dead_store_s_temporary_file_is_removed_when_the_directory_is_counted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = ResultCacheSettings {
+            dir: dir.path().to_owned(),
+            max_bytes: 1 << 20,
+        };
+        let stale = dir.path().join(".tmp-1-0");
+        let fresh = dir.path().join(".tmp-1-1");
+        std::fs::write(&stale, b"half").expect("write");
+        std::fs::write(&fresh, b"half").expect("write");
+        File::options()
+            .write(true)
+            .open(&stale)
+            .and_then(|f| f.set_modified(SystemTime::now() - Duration::from_secs(3600)))
+            .expect("age");
+        // The first store of a fresh pool counts the directory.
+        let cache = ResultCache::open(&settings, counters()).expect("open");
+        cache.put(&CacheKey::new([b"q".as_slice()]), &entry(10, 1));
+        assert!(!stale.exists(), "a dead store's file is removed");
+        assert!(
+            fresh.exists(),
+            "a store that may be in progress is left alone"
+        );
     }
 }
