@@ -1000,6 +1000,87 @@ mod tests {
         assert!(cached, "the Parquet metadata cache is on");
     }
 
+    /// Counts rows; stops after `stop_after` batches if given.
+    struct Count {
+        rows: usize,
+        stop_after: Option<usize>,
+    }
+
+    impl ResultSink for Count {
+        fn started(&mut self, _: Arc<duckdb::InterruptHandle>) {}
+        fn schema(&mut self, _: arrow::datatypes::SchemaRef) -> Flow {
+            Flow::Continue
+        }
+        fn batch(&mut self, batch: arrow::record_batch::RecordBatch) -> Flow {
+            self.rows += batch.num_rows();
+            match &mut self.stop_after {
+                Some(0) => Flow::Stop,
+                Some(n) => {
+                    *n -= 1;
+                    Flow::Continue
+                }
+                None => Flow::Continue,
+            }
+        }
+    }
+
+    #[test]
+    fn a_pooled_connection_is_reusable_after_a_result_cut_short() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let temp = tempfile::tempdir().expect("tempdir");
+        let engine = Engine::open(&settings(data.path(), temp.path())).expect("open");
+        let params = crate::Params::default();
+        let run = |sql: &str, max_rows: u64, stop_after: Option<usize>| {
+            let mut sink = Count {
+                rows: 0,
+                stop_after,
+            };
+            let spec = QuerySpec {
+                sql,
+                params: &params,
+                max_rows,
+            };
+            engine.run(&spec, &mut sink).map(|o| (o, sink.rows))
+        };
+        let big = "SELECT range FROM range(10000000)";
+        // Truncated, stopped by its sink, and read to the end: each time the next statement on
+        // the (single, pooled) connection runs, and the same statement again gives its answer.
+        for _ in 0..3 {
+            let (cut, _) = run(big, 10, None).expect("truncated");
+            assert!(cut.truncated);
+            let (stopped, _) = run(big, u64::MAX, Some(0)).expect("stopped");
+            assert!(stopped.stopped);
+            let (whole, rows) =
+                run("SELECT range FROM range(5000)", u64::MAX, None).expect("whole");
+            assert_eq!((whole.rows, rows), (5000, 5000));
+        }
+        assert_eq!(
+            lock(&engine.pool).len(),
+            1,
+            "one connection served every query"
+        );
+    }
+
+    #[test]
+    fn the_spill_limit_is_applied() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let temp = tempfile::tempdir().expect("tempdir");
+        let engine = Engine::open(&EngineSettings {
+            max_temp_bytes: Some(300 << 20),
+            ..settings(data.path(), temp.path())
+        })
+        .expect("open");
+        let conn = engine.conn.lock().expect("lock");
+        let limit: String = conn
+            .query_row(
+                "SELECT current_setting('max_temp_directory_size')",
+                [],
+                |r| r.get(0),
+            )
+            .expect("setting");
+        assert!(limit.starts_with("300"), "{limit}");
+    }
+
     #[test]
     fn temp_dir_is_removed_on_drop() {
         let data = tempfile::tempdir().expect("tempdir");
