@@ -2,7 +2,9 @@
 
 mod cli;
 mod fastpath;
+mod hostile;
 mod http;
 mod lifecycle;
 mod query;
+mod sandbox;
 mod support;

@@ -375,6 +375,11 @@ fn overload_is_503_with_retry_after_and_disconnect_cancels() {
         .key("max_concurrent_queries", "1")
         .key("query_queue_depth", "0")
         .start();
+    // The worker checks a statement (DuckDB parses it) before it queues it; a first, quickly
+    // stopped run makes that check of the slow query a cached one, so that the polls below cannot
+    // take the slot while it is being checked.
+    let warm = query(&server, json!({"sql": SLOW_SQL, "timeout_ms": 1}));
+    assert_eq!(warm.status, 504, "{}", String::from_utf8_lossy(&warm.body));
     // A slow query holds the only slot…
     let body = serde_json::to_vec(&json!({"sql": SLOW_SQL})).expect("json");
     let mut slow = Conn::open(server.addr()).expect("connect");

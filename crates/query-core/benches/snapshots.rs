@@ -60,6 +60,7 @@ fn settings(data: &Path, temp: &Path, snapshots: Option<&Path>) -> EngineSetting
             datasets,
             auto_max_bytes: u64::MAX,
         },
+        ..EngineSettings::default()
     }
 }
 

@@ -1,9 +1,12 @@
 //! The dataset catalogue: what the data directory offers, registered as DuckDB views.
 //!
 //! Scanning is done in two phases: [`scan`] only looks at directory entries and decides which are
-//! datasets (a `NAME.parquet` file, or a `NAME/` folder holding Parquet files, hive partitions
-//! included); registration ([`Dataset::view_sql`]) then turns each one into a view. Entries whose
-//! name is not a plain identifier are skipped with a warning rather than quoted into SQL.
+//! datasets (a `NAME.parquet` regular file, or a `NAME/` folder holding Parquet files, hive
+//! partitions included); registration ([`Dataset::view_sql`]) then turns each one into a view.
+//! Nothing else is ever opened: dot-files and files of other types are skipped, entries whose
+//! name is not a plain identifier are skipped with a warning rather than quoted into SQL, and a
+//! `NAME.parquet` that is not a readable regular file (a FIFO, a dangling link) is a dataset with
+//! a [`Dataset::problem`], which the engine reports instead of opening.
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +28,9 @@ pub struct Dataset {
     /// Changes whenever a file is added, removed, replaced or modified: a hash of every file's
     /// name, size and modification time.
     pub version: String,
+    /// Why the dataset cannot be opened at all, found by the scan; `None` for a dataset to
+    /// register.
+    pub problem: Option<String>,
 }
 
 impl Dataset {
@@ -89,6 +95,7 @@ pub fn scan(data_dir: &Path) -> Result<Vec<Dataset>, Error> {
         if file_name.starts_with('.') {
             continue;
         }
+        let mut problem = None;
         let (name, is_folder, found) = if file_type.is_dir() {
             let found = parquet_files_under(&path);
             if found.is_empty() {
@@ -96,6 +103,12 @@ pub fn scan(data_dir: &Path) -> Result<Vec<Dataset>, Error> {
             }
             (file_name.to_owned(), true, found)
         } else if let Some(stem) = file_name.strip_suffix(".parquet") {
+            // Only a regular file is opened (a FIFO would block whoever reads it).
+            match std::fs::metadata(&path) {
+                Ok(meta) if meta.is_file() => {}
+                Ok(_) => problem = Some("not a regular file".to_owned()),
+                Err(e) => problem = Some(format!("cannot read it: {e}")),
+            }
             (stem.to_owned(), false, vec![path.clone()])
         } else {
             continue;
@@ -112,6 +125,7 @@ pub fn scan(data_dir: &Path) -> Result<Vec<Dataset>, Error> {
             files,
             bytes,
             version,
+            problem,
         });
     }
     datasets.sort_by(|a, b| a.name.cmp(&b.name));
@@ -128,9 +142,13 @@ fn parquet_files_under(dir: &Path) -> Vec<PathBuf> {
         };
         for entry in entries.flatten() {
             let path = entry.path();
-            match entry.file_type() {
-                Ok(t) if t.is_dir() => pending.push(path),
-                Ok(_) if path.extension().is_some_and(|e| e == "parquet") => found.push(path),
+            // As DuckDB's glob, which the dataset's view reads through: every regular
+            // `*.parquet` file below the folder, hidden or not, and nothing else.
+            match std::fs::metadata(&path) {
+                Ok(meta) if meta.is_dir() => pending.push(path),
+                Ok(meta) if meta.is_file() && path.extension().is_some_and(|e| e == "parquet") => {
+                    found.push(path)
+                }
                 _ => {}
             }
         }
@@ -221,6 +239,7 @@ mod tests {
             files: vec![],
             bytes: 0,
             version: String::new(),
+            problem: None,
         };
         assert!(d.view_sql().contains("'/data/it''s.parquet'"));
     }

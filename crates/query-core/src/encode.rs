@@ -622,7 +622,7 @@ mod tests {
     }
 
     impl ResultSink for Collect {
-        fn started(&mut self, _: Arc<InterruptHandle>) {}
+        fn started(&mut self, _: InterruptHandle) {}
         fn schema(&mut self, schema: SchemaRef) -> Flow {
             let (encoder, head) = Encoder::new(self.format, schema).expect("encoder");
             self.bytes.extend(head);
@@ -654,6 +654,7 @@ mod tests {
                     sql: SQL,
                     params: &params,
                     max_rows: u64::MAX,
+                    explain: None,
                 },
                 &mut sink,
             )

@@ -39,12 +39,15 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, mpsc};
 use std::time::{Duration, Instant};
 
 use duckdb::Connection;
+use hashlink::LruCache;
 
 use crate::Error;
+use crate::capi::{self, Database, StatementType};
 use crate::catalog::{self, Dataset};
+use crate::gate::{Analysis, FunctionPolicy};
+use crate::pool::{Pool, Purpose, QueryConn};
 use crate::query::{Flow, Outcome, QueryError, QuerySpec, ResultSink};
 use crate::snapshot::{BuildError, Held, SnapshotDir, SnapshotPolicy, StorageSettings, Target};
-use crate::sql::SqlCheckError;
 
 /// What a worker's DuckDB instance is given.
 #[derive(Clone, Debug, Default)]
@@ -62,6 +65,13 @@ pub struct EngineSettings {
     pub max_temp_bytes: Option<u64>,
     /// Parquet views or snapshots, per dataset.
     pub storage: StorageSettings,
+    /// A file outside every allowed directory that must exist and that DuckDB must refuse to
+    /// read once the sandbox is locked (the boot-time proof); `None` probes nothing.
+    pub sandbox_probe: Option<PathBuf>,
+    /// Test builds only: leave DuckDB's sandbox open and the statement gate off, so that a test
+    /// can show what the kernel's sandbox stops on its own.
+    #[cfg(feature = "test-hooks")]
+    pub unlocked_for_tests: bool,
 }
 
 /// A column of a dataset.
@@ -93,29 +103,69 @@ pub struct DatasetInfo {
     pub storage: Storage,
     /// The version of the files whose snapshot is being built, when it is not the one served.
     pub pending: Option<String>,
+    /// Why the dataset cannot be queried (its files are not valid Parquet, say); `None` when
+    /// it can. Queries naming an unavailable dataset are refused; the others serve on.
+    pub error: Option<String>,
 }
 
-/// Prepared statements each pooled connection keeps, by statement text.
-const STATEMENT_CACHE: usize = 128;
-/// Idle connections kept for reuse.
-const POOL_SIZE: usize = 16;
+/// Statement analyses a worker remembers, by text, and the longest text remembered.
+const ANALYSES: usize = 1024;
+const MAX_ANALYSED_TEXT: usize = 16 << 10;
+/// The engine's own call for a statement's parse tree (see [`crate::gate`]).
+const SERIALIZE_SQL: &str = "SELECT json_serialize_sql($1::VARCHAR)";
 /// How often the builder thread looks for snapshot files no worker holds any more, besides after
 /// each build and each detach: this catches files released by workers that exited.
 const GC_INTERVAL: Duration = Duration::from_secs(60);
+
+/// A DuckDB instance just opened, before the engine configures it: empty, with one thread (the
+/// caller's: DuckDB starts no thread of its own for one), having read what DuckDB reads when it
+/// starts (the system's CPU and memory limits). A worker opens it, then restricts itself with
+/// the kernel's sandbox while it is still single-threaded, then starts the [`Engine`] on it.
+#[derive(Debug)]
+pub struct Instance {
+    database: Arc<Database>,
+}
+
+impl Instance {
+    pub fn open(settings: &EngineSettings) -> Result<Self, Error> {
+        let memory_limit = format!("{}MiB", (settings.memory_limit_bytes >> 20).max(16));
+        let database = Database::open_in_memory(&[
+            ("threads", "1".into()),
+            ("async_threads", "0".into()),
+            // A fixed size, so that changing the thread counts later reads no system limits (the
+            // automatic size reads them from `/proc` and `/sys`); ferrocorn's DuckDB makes no
+            // HTTP requests.
+            ("http_client_pool_capacity", "1".into()),
+            ("max_memory", memory_limit),
+            ("autoload_known_extensions", "false".into()),
+            ("autoinstall_known_extensions", "false".into()),
+        ])
+        .map_err(Error::Open)?;
+        Ok(Self { database })
+    }
+}
 
 /// One worker's DuckDB instance.
 #[derive(Debug)]
 pub struct Engine {
     /// The connection that changes the catalogue (views, attachments).
     conn: Mutex<Connection>,
-    /// Idle query connections.
-    pool: Mutex<Vec<Connection>>,
+    /// Query connections.
+    pool: Pool,
+    /// The functions of the instance, for the gate.
+    functions: FunctionPolicy,
+    /// Gate analyses of recent statements, by text.
+    analyses: Mutex<LruCache<String, Arc<Analysis>>>,
     catalog: RwLock<Arc<Vec<DatasetInfo>>>,
     snapshots: Snapshots,
     last_scan: Mutex<Instant>,
     data_dir: PathBuf,
     temp_dir: PathBuf,
     version: String,
+    #[cfg(feature = "test-hooks")]
+    unlocked: bool,
+    /// Dropped last: every connection above is to it.
+    _database: Arc<Database>,
 }
 
 /// The engine's snapshot state.
@@ -145,6 +195,11 @@ struct Attachment {
 impl Engine {
     /// Open, configure and lock the instance, register the datasets and prove the sandbox.
     pub fn open(settings: &EngineSettings) -> Result<Self, Error> {
+        Self::start(settings, Instance::open(settings)?)
+    }
+
+    /// [`Engine::open`] on an instance opened beforehand (see [`Instance`]).
+    pub fn start(settings: &EngineSettings, instance: Instance) -> Result<Self, Error> {
         let data_dir = settings
             .data_dir
             .canonicalize()
@@ -174,14 +229,23 @@ impl Engine {
         });
         let datasets = catalog::scan(&data_dir)?;
 
-        let memory_limit = format!("{}MiB", (settings.memory_limit_bytes >> 20).max(16));
-        let config = duckdb::Config::default()
-            .threads(i64::from(settings.threads.max(1)))
-            .and_then(|c| c.max_memory(&memory_limit))
-            .and_then(|c| c.enable_autoload_extension(false))
-            .and_then(|c| c.with("autoinstall_known_extensions", "false"))
-            .map_err(Error::Open)?;
-        let conn = Connection::open_in_memory_with_flags(config).map_err(Error::Open)?;
+        let database = instance.database;
+        let conn = database.rust_connection().map_err(Error::Connect)?;
+        // The instance opened with one thread; the others start now, inside whatever sandbox
+        // the caller entered meanwhile: DuckDB's query threads, and its I/O threads (DuckDB's
+        // default is four per core of the machine; a worker has its share of the cores).
+        if settings.threads > 1 {
+            set(
+                &conn,
+                "threads",
+                &format!("SET threads = {}", settings.threads),
+            )?;
+        }
+        set(
+            &conn,
+            "async_threads",
+            &format!("SET async_threads = {}", 4 * settings.threads.max(1)),
+        )?;
 
         set(
             &conn,
@@ -214,6 +278,7 @@ impl Engine {
         let version = conn
             .query_row("SELECT version()", [], |row| row.get::<_, String>(0))
             .map_err(Error::Query)?;
+        let functions = function_policy(&conn)?;
         let policy = snapshot_dir.map(|dir| {
             Arc::new(SnapshotPolicy {
                 dir,
@@ -224,7 +289,7 @@ impl Engine {
         let failed = Arc::new(Mutex::new(HashSet::new()));
         let builder = match &policy {
             Some(policy) => Some(Builder::start(
-                conn.try_clone().map_err(Error::Open)?,
+                database.rust_connection().map_err(Error::Connect)?,
                 BuilderContext {
                     policy: policy.clone(),
                     data_dir: data_dir.clone(),
@@ -235,7 +300,9 @@ impl Engine {
         };
         let engine = Self {
             conn: Mutex::new(conn),
-            pool: Mutex::new(Vec::new()),
+            pool: Pool::new(database.clone()),
+            functions,
+            analyses: Mutex::new(LruCache::new(ANALYSES)),
             catalog: RwLock::new(Arc::new(Vec::new())),
             snapshots: Snapshots {
                 policy,
@@ -250,26 +317,33 @@ impl Engine {
             data_dir,
             temp_dir,
             version,
+            #[cfg(feature = "test-hooks")]
+            unlocked: settings.unlocked_for_tests,
+            _database: database,
         };
         {
             let conn = lock(&engine.conn);
             let mut catalog = Vec::with_capacity(datasets.len());
             for dataset in datasets {
-                catalog.push(engine.serve(&conn, dataset, None)?);
+                catalog.push(engine.serve_or_report(&conn, dataset, None));
             }
             *engine.catalog.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(catalog);
-            set(
-                &conn,
-                "allowed_directories",
-                &format!("SET allowed_directories = [{}]", allowed.join(", ")),
-            )?;
-            set(
-                &conn,
-                "enable_external_access",
-                "SET enable_external_access = false",
-            )?;
-            set(&conn, "lock_configuration", "SET lock_configuration = true")?;
-            prove_sandbox(&conn, &engine.data_dir)?;
+            if !engine.unlocked() {
+                set(
+                    &conn,
+                    "allowed_directories",
+                    &format!("SET allowed_directories = [{}]", allowed.join(", ")),
+                )?;
+                set(
+                    &conn,
+                    "enable_external_access",
+                    "SET enable_external_access = false",
+                )?;
+                set(&conn, "lock_configuration", "SET lock_configuration = true")?;
+                if let Some(probe) = &settings.sandbox_probe {
+                    prove_sandbox(&conn, probe)?;
+                }
+            }
         }
         Ok(engine)
     }
@@ -324,15 +398,7 @@ impl Engine {
         let mut next = Vec::with_capacity(datasets.len());
         for dataset in datasets {
             let old = current.iter().find(|d| d.dataset.name == dataset.name);
-            match self.serve(&conn, dataset, old) {
-                Ok(info) => next.push(info),
-                Err(e) => {
-                    tracing::warn!(error = %crate::error::chain(&e), "dataset not refreshed");
-                    if let Some(old) = old {
-                        next.push(old.clone());
-                    }
-                }
-            }
+            next.push(self.serve_or_report(&conn, dataset, old));
         }
         for gone in current
             .iter()
@@ -352,6 +418,51 @@ impl Engine {
             });
         *self.catalog.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
         changed
+    }
+
+    /// [`Engine::serve`], or — when the dataset cannot be served (its files are not valid
+    /// Parquet, say) — a catalogue entry saying why, so that one bad dataset never keeps the
+    /// others from serving. A snapshot that served before keeps serving its version.
+    fn serve_or_report(
+        &self,
+        conn: &Connection,
+        dataset: Dataset,
+        old: Option<&DatasetInfo>,
+    ) -> DatasetInfo {
+        if let Some(old) = old
+            && old.error.is_some()
+            && old.dataset.version == dataset.version
+        {
+            return old.clone();
+        }
+        let served = match &dataset.problem {
+            Some(problem) => Err(problem.clone()),
+            None => self
+                .serve(conn, dataset.clone(), old)
+                .map_err(|e| crate::error::chain(&e)),
+        };
+        match served {
+            Ok(info) => info,
+            Err(reason) => {
+                tracing::warn!(dataset = %dataset.name, error = %reason, "dataset unavailable");
+                match old {
+                    Some(old)
+                        if matches!(old.storage, Storage::Snapshot { .. })
+                            && old.error.is_none() =>
+                    {
+                        old.clone()
+                    }
+                    _ => DatasetInfo {
+                        dataset,
+                        columns: Vec::new(),
+                        row_estimate: None,
+                        storage: Storage::Parquet,
+                        pending: None,
+                        error: Some(reason),
+                    },
+                }
+            }
+        }
     }
 
     /// Decide what serves `dataset` now, given what served it before (`old`), and make the view
@@ -475,6 +586,7 @@ impl Engine {
             columns,
             row_estimate: u64::try_from(rows).ok(),
             pending: None,
+            error: None,
         };
         let previous = lock(&self.snapshots.attached)
             .insert(info.dataset.name.clone(), Attachment { alias, _held: held });
@@ -528,82 +640,109 @@ impl Engine {
         Ok(())
     }
 
-    /// A connection for one query: an idle pooled one (with its prepared statements) or a new
-    /// one.
-    fn checkout(&self) -> Result<Pooled<'_>, QueryError> {
-        let idle = lock(&self.pool).pop();
-        let conn = match idle {
-            Some(conn) => conn,
-            None => {
-                let conn = lock(&self.conn)
-                    .try_clone()
-                    .map_err(QueryError::from_duckdb)?;
-                conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-                conn
+    /// Whether DuckDB's sandbox and the gate are off (test builds only).
+    fn unlocked(&self) -> bool {
+        #[cfg(feature = "test-hooks")]
+        {
+            self.unlocked
+        }
+        #[cfg(not(feature = "test-hooks"))]
+        {
+            false
+        }
+    }
+
+    /// The gate's analysis of `sql`, if it is remembered (no DuckDB call).
+    pub fn cached_analysis(&self, sql: &str) -> Option<Arc<Analysis>> {
+        #[cfg(feature = "test-hooks")]
+        if self.unlocked {
+            return Some(Arc::new(Analysis::unchecked()));
+        }
+        lock(&self.analyses).get(sql).cloned()
+    }
+
+    /// The gate's analysis of `sql` (see [`crate::gate`]): DuckDB parses it, nothing is bound or
+    /// executed. Blocks on a miss: call it from a thread that may block.
+    pub fn analyze(&self, sql: &str) -> Result<Arc<Analysis>, QueryError> {
+        if let Some(known) = self.cached_analysis(sql) {
+            return Ok(known);
+        }
+        let mut conn = self.pool.checkout()?;
+        self.analyze_on(&mut conn, sql)
+    }
+
+    fn analyze_on(&self, conn: &mut QueryConn, sql: &str) -> Result<Arc<Analysis>, QueryError> {
+        if let Some(known) = self.cached_analysis(sql) {
+            return Ok(known);
+        }
+        // DuckDB's parser first: a syntax error is reported as DuckDB words it, and the number
+        // of statements is DuckDB's.
+        {
+            let extracted = conn.extract(sql)?;
+            match extracted.count() {
+                0 => return Err(crate::gate::Refusal::Empty.into()),
+                1 => {}
+                n => return Err(crate::gate::Refusal::MultipleStatements(n).into()),
             }
+        }
+        let serialized = {
+            let prepared =
+                conn.prepare(Purpose::Serialize, SERIALIZE_SQL, StatementType::Select)?;
+            prepared
+                .bind(&[capi::Value::Text(sql.to_owned())])
+                .map_err(QueryError::from_message)?;
+            let mut stream = prepared.execute().map_err(QueryError::from_message)?;
+            let batch = stream
+                .next_batch()
+                .map_err(QueryError::from_message)?
+                .ok_or_else(|| {
+                    QueryError::Internal("json_serialize_sql returned nothing".into())
+                })?;
+            first_text(&batch)
+                .ok_or_else(|| QueryError::Internal("json_serialize_sql returned no text".into()))?
         };
-        Ok(Pooled {
-            conn: Some(conn),
-            pool: &self.pool,
-        })
+        let analysis = Arc::new(crate::gate::analyze(sql, &serialized, &self.functions)?);
+        if sql.len() <= MAX_ANALYSED_TEXT {
+            lock(&self.analyses).insert(sql.to_owned(), analysis.clone());
+        }
+        Ok(analysis)
     }
 
     /// Run one query, streaming its result into `sink`. Blocks: call it from a thread that may
     /// block (a worker's blocking pool).
     ///
-    /// The text is checked ([`crate::sql::check`]) before DuckDB sees it. Each query runs on its
-    /// own connection to the instance, so it can be interrupted alone.
+    /// The statement passes the gate first ([`crate::gate`]): one statement by DuckDB's parser,
+    /// a query by its parse tree and by its prepared type, reading only datasets that are
+    /// available. Each query runs on its own connection to the instance, so it can be interrupted
+    /// alone.
     pub fn run(
         &self,
         spec: &QuerySpec<'_>,
         sink: &mut dyn ResultSink,
     ) -> Result<Outcome, QueryError> {
-        let sql = match crate::sql::check(spec.sql) {
-            Ok(sql) => sql,
-            Err(SqlCheckError::Unrecognized(word)) => {
-                return Err(self.refuse_unrecognized(spec.sql, word));
-            }
-            Err(other) => return Err(other.into()),
-        };
         // Snapshots this query may read stay attached until it ends.
         let _generation = lock(&self.snapshots.generation).clone();
-        let pooled = self.checkout()?;
-        let conn = pooled.conn();
+        let mut conn = self.pool.checkout()?;
         sink.started(conn.interrupt_handle());
-        let mut statement = conn.prepare_cached(sql).map_err(QueryError::from_duckdb)?;
-        let names: Vec<String> = (1..=statement.parameter_count())
-            .map(|i| {
-                statement
-                    .parameter_name(i)
-                    .unwrap_or_else(|_| i.to_string())
-            })
-            .collect();
-        let values = spec.params.bind_order(&names)?;
-        let streamed = stream_into(&mut statement, values, spec.max_rows, sink);
-        // A result that was not read to its end stays open inside the statement, and DuckDB
-        // refuses any other statement on the connection while it is: such a statement is
-        // dropped (closing its result) instead of going back to the cache.
-        if !matches!(streamed, Ok((_, true))) {
-            statement.discard();
+        let (purpose, text, expected) = match spec.explain {
+            None => (Purpose::Query, spec.sql.to_owned(), StatementType::Select),
+            Some(explain) => (
+                Purpose::Explain,
+                explain.wrap(spec.sql),
+                StatementType::Explain,
+            ),
+        };
+        if self.unlocked() {
+            // Test builds only: run whatever the text is, on purpose.
+            return run_unchecked(&mut conn, &text, spec, sink);
         }
-        streamed.map(|(outcome, _)| outcome)
-    }
-
-    /// The answer to one statement of a kind the check does not know: DuckDB's parser says what
-    /// is wrong with it if it can (preparing a single statement executes nothing); it is refused
-    /// either way.
-    fn refuse_unrecognized(&self, sql: &str, word: String) -> QueryError {
-        let parsed = self.checkout().and_then(|pooled| {
-            pooled
-                .conn()
-                .prepare(sql.trim())
-                .map(drop)
-                .map_err(QueryError::from_duckdb)
-        });
-        match parsed {
-            Err(e) => e,
-            Ok(()) => SqlCheckError::NotAllowed(word).into(),
-        }
+        let analysis = self.analyze_on(&mut conn, spec.sql)?;
+        analysis.check(&self.catalog())?;
+        let prepared = conn.prepare(purpose, &text, expected)?;
+        let values = spec.params.bind_order(&prepared.parameter_names())?;
+        prepared.bind(&values).map_err(QueryError::from_message)?;
+        let mut stream = prepared.execute().map_err(QueryError::from_message)?;
+        stream_into(&mut stream, spec.max_rows, sink)
     }
 
     /// How many datasets are registered.
@@ -622,37 +761,35 @@ impl Drop for Engine {
         if let Some(builder) = self.snapshots.builder.take() {
             builder.stop();
         }
+        // Under the worker's kernel sandbox the directory itself cannot be removed (that needs
+        // write access to its parent): the master removes it when it reaps the worker.
         if let Err(e) = std::fs::remove_dir_all(&self.temp_dir)
-            && e.kind() != std::io::ErrorKind::NotFound
+            && !matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            )
         {
             tracing::warn!(path = %self.temp_dir.display(), error = %e, "cannot remove temp directory");
         }
     }
 }
 
-/// Execute a prepared statement and pass its batches to `sink`, cutting the result at
-/// `max_rows`. Returns how it ended and whether the result was read to its end.
+/// Pass a running query's batches to `sink`, cutting the result at `max_rows`.
 fn stream_into(
-    statement: &mut duckdb::Statement<'_>,
-    values: Vec<duckdb::types::Value>,
+    stream: &mut capi::Stream<'_>,
     max_rows: u64,
     sink: &mut dyn ResultSink,
-) -> Result<(Outcome, bool), QueryError> {
-    let mut stream = statement
-        .stream_arrow(duckdb::params_from_iter(values))
-        .map_err(QueryError::from_duckdb)?;
+) -> Result<Outcome, QueryError> {
     let mut outcome = Outcome {
         rows: 0,
         truncated: false,
         stopped: false,
     };
-    if sink.schema(stream.get_schema()) == Flow::Stop {
+    if sink.schema(stream.schema()) == Flow::Stop {
         outcome.stopped = true;
-        return Ok((outcome, false));
+        return Ok(outcome);
     }
-    let mut drained = true;
-    for batch in stream.by_ref() {
-        let batch = batch.map_err(QueryError::from_duckdb)?;
+    while let Some(batch) = stream.next_batch().map_err(QueryError::from_message)? {
         if batch.num_rows() == 0 {
             continue;
         }
@@ -660,7 +797,6 @@ fn stream_into(
         if remaining == 0 {
             // One more row exists beyond the cap: the result is cut, and says so.
             outcome.truncated = true;
-            drained = false;
             break;
         }
         let batch = if batch.num_rows() as u64 > remaining {
@@ -672,38 +808,77 @@ fn stream_into(
         outcome.rows += batch.num_rows() as u64;
         if sink.batch(batch) == Flow::Stop {
             outcome.stopped = true;
-            drained = false;
             break;
         }
         if outcome.truncated {
-            drained = false;
             break;
         }
     }
-    Ok((outcome, drained))
+    // Dropping the stream closes the result, so the connection (and its cached statement) can
+    // serve the next query even when this one was cut short.
+    Ok(outcome)
 }
 
-/// A pooled connection, back to the pool when dropped.
-struct Pooled<'a> {
-    conn: Option<Connection>,
-    pool: &'a Mutex<Vec<Connection>>,
+/// Test builds only: the text extracted and prepared as one statement, of any type, and run.
+#[cfg(feature = "test-hooks")]
+fn run_unchecked(
+    conn: &mut QueryConn,
+    text: &str,
+    spec: &QuerySpec<'_>,
+    sink: &mut dyn ResultSink,
+) -> Result<Outcome, QueryError> {
+    let extracted = conn.extract(text)?;
+    let mut prepared = extracted.prepare(0).map_err(QueryError::from_message)?;
+    let values = spec.params.bind_order(&prepared.parameter_names())?;
+    prepared.bind(&values).map_err(QueryError::from_message)?;
+    let mut stream = prepared.execute().map_err(QueryError::from_message)?;
+    stream_into(&mut stream, spec.max_rows, sink)
 }
 
-impl Pooled<'_> {
-    fn conn(&self) -> &Connection {
-        self.conn.as_ref().expect("present until dropped")
+#[cfg(not(feature = "test-hooks"))]
+fn run_unchecked(
+    _: &mut QueryConn,
+    _: &str,
+    _: &QuerySpec<'_>,
+    _: &mut dyn ResultSink,
+) -> Result<Outcome, QueryError> {
+    Err(QueryError::Internal("the gate cannot be turned off".into()))
+}
+
+/// The first value of a one-column text result.
+fn first_text(batch: &arrow::record_batch::RecordBatch) -> Option<String> {
+    use arrow::array::{Array, LargeStringArray, StringArray, StringViewArray};
+    let column = batch.columns().first()?;
+    if column.is_empty() || column.is_null(0) {
+        return None;
     }
+    let any = column.as_any();
+    if let Some(a) = any.downcast_ref::<StringArray>() {
+        return Some(a.value(0).to_owned());
+    }
+    if let Some(a) = any.downcast_ref::<LargeStringArray>() {
+        return Some(a.value(0).to_owned());
+    }
+    any.downcast_ref::<StringViewArray>()
+        .map(|a| a.value(0).to_owned())
 }
 
-impl Drop for Pooled<'_> {
-    fn drop(&mut self) {
-        let mut pool = lock(self.pool);
-        if pool.len() < POOL_SIZE
-            && let Some(conn) = self.conn.take()
-        {
-            pool.push(conn);
-        }
+/// What `duckdb_functions()` says of every function of the instance, for the gate.
+fn function_policy(conn: &Connection) -> Result<FunctionPolicy, Error> {
+    let mut policy = FunctionPolicy::default();
+    let mut statement = conn
+        .prepare("SELECT function_name, stability FROM duckdb_functions()")
+        .map_err(Error::Query)?;
+    let rows = statement
+        .query_map([], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, Option<String>>(1)?))
+        })
+        .map_err(Error::Query)?;
+    for row in rows {
+        let (name, stability) = row.map_err(Error::Query)?;
+        policy.add(&name, stability.as_deref().unwrap_or(""));
     }
+    Ok(policy)
 }
 
 /// A snapshot to build.
@@ -892,6 +1067,7 @@ fn register(
         row_estimate,
         storage: Storage::Parquet,
         pending,
+        error: None,
     })
 }
 
@@ -914,18 +1090,24 @@ fn quote_dir(path: &Path) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-/// Reading a file outside the data directory must fail once the sandbox is locked.
-fn prove_sandbox(conn: &Connection, data_dir: &Path) -> Result<(), Error> {
-    let probe = Path::new("/etc/passwd");
-    if probe.starts_with(data_dir) || !probe.exists() {
-        return Ok(());
+/// Once the sandbox is locked, DuckDB itself must refuse to read `probe`, a file that exists
+/// outside every allowed directory. An error from the file system does not count: that would be
+/// the kernel's sandbox refusing, not DuckDB's.
+fn prove_sandbox(conn: &Connection, probe: &Path) -> Result<(), Error> {
+    if std::fs::metadata(probe).is_err() {
+        return Err(Error::SandboxProbe {
+            path: probe.to_owned(),
+        });
     }
     let sql = format!("SELECT count(*) FROM read_text({})", quote(probe));
-    match conn.query_row(&sql, [], |row| row.get::<_, i64>(0)) {
-        Ok(_) => Err(Error::SandboxLeak {
+    match conn
+        .query_row(&sql, [], |row| row.get::<_, i64>(0))
+        .map_err(QueryError::from_duckdb)
+    {
+        Err(QueryError::Permission(_)) => Ok(()),
+        _ => Err(Error::SandboxLeak {
             path: probe.to_owned(),
         }),
-        Err(_) => Ok(()),
     }
 }
 
@@ -1007,7 +1189,7 @@ mod tests {
     }
 
     impl ResultSink for Count {
-        fn started(&mut self, _: Arc<duckdb::InterruptHandle>) {}
+        fn started(&mut self, _: crate::query::InterruptHandle) {}
         fn schema(&mut self, _: arrow::datatypes::SchemaRef) -> Flow {
             Flow::Continue
         }
@@ -1039,6 +1221,7 @@ mod tests {
                 sql,
                 params: &params,
                 max_rows,
+                explain: None,
             };
             engine.run(&spec, &mut sink).map(|o| (o, sink.rows))
         };
@@ -1054,10 +1237,217 @@ mod tests {
                 run("SELECT range FROM range(5000)", u64::MAX, None).expect("whole");
             assert_eq!((whole.rows, rows), (5000, 5000));
         }
+        assert_eq!(engine.pool.idle(), 1, "one connection served every query");
+    }
+
+    /// Run `sql` to the end; the rows it answered.
+    fn run_sql(engine: &Engine, sql: &str) -> Result<usize, QueryError> {
+        let params = crate::Params::default();
+        let mut sink = Count {
+            rows: 0,
+            stop_after: None,
+        };
+        let spec = QuerySpec {
+            sql,
+            params: &params,
+            max_rows: u64::MAX,
+            explain: None,
+        };
+        engine.run(&spec, &mut sink).map(|_| sink.rows)
+    }
+
+    fn refusal(engine: &Engine, sql: &str) -> crate::Refusal {
+        match run_sql(engine, sql) {
+            Err(QueryError::Refused(refusal)) => refusal,
+            other => panic!("{sql} must be refused by the gate: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_gate_accepts_queries_over_datasets() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let temp = tempfile::tempdir().expect("tempdir");
+        write_parquet(data.path(), "numbers");
+        let engine = Engine::open(&settings(data.path(), temp.path())).expect("open");
+        for (sql, rows) in [
+            ("SELECT * FROM numbers", 10),
+            ("FROM numbers WHERE id < 3", 3),
+            ("TABLE numbers", 10),
+            ("VALUES (1), (2)", 2),
+            ("SELECT 1", 1),
+            ("WITH t AS (SELECT * FROM numbers) SELECT * FROM t", 10),
+            (
+                "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 4) SELECT * FROM r",
+                4,
+            ),
+            (
+                "WITH a AS (SELECT 1 AS x), b AS (SELECT x FROM a) SELECT * FROM b",
+                1,
+            ),
+            (
+                "SELECT * FROM numbers WHERE id IN (SELECT id FROM numbers WHERE twice > 10)",
+                4,
+            ),
+            ("SELECT count(*) FROM range(5)", 1),
+            ("SELECT * FROM generate_series(1, 3)", 3),
+            ("SELECT unnest([1, 2, 3])", 3),
+            ("DESCRIBE numbers", 2),
+            ("SUMMARIZE numbers", 2),
+            ("DESCRIBE SELECT id FROM numbers", 1),
+            ("SELECT now() IS NOT NULL", 1),
+            ("PIVOT numbers ON id IN (1, 2) USING sum(twice)", 1),
+            ("SELECT \"numbers\".id FROM main.numbers", 10),
+        ] {
+            assert_eq!(
+                run_sql(&engine, sql).map_err(|e| e.to_string()),
+                Ok(rows),
+                "{sql}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_gate_refuses_writes_files_and_introspection() {
+        use crate::Refusal;
+        let data = tempfile::tempdir().expect("tempdir");
+        let temp = tempfile::tempdir().expect("tempdir");
+        write_parquet(data.path(), "numbers");
+        let engine = Engine::open(&settings(data.path(), temp.path())).expect("open");
+        let out = temp.path().join("out.csv");
+        let out = out.display();
+        type Expected = fn(&Refusal) -> bool;
+        let cases: Vec<(String, Expected)> = vec![
+            (format!("COPY numbers TO '{out}'"), |r| {
+                matches!(r, Refusal::NotAQuery(_))
+            }),
+            ("SELECT 1; SELECT 2".into(), |r| {
+                *r == Refusal::MultipleStatements(2)
+            }),
+            ("".into(), |r| *r == Refusal::Empty),
+            (
+                format!("WITH w AS (COPY numbers TO '{out}') SELECT * FROM w"),
+                |r| *r == Refusal::Writes("COPY"),
+            ),
+            (
+                "WITH w AS (DELETE FROM numbers RETURNING *) SELECT * FROM w".into(),
+                |r| *r == Refusal::Writes("DELETE"),
+            ),
+            ("EXPLAIN SELECT 1".into(), |r| {
+                matches!(r, Refusal::NotAQuery(_))
+            }),
+            (
+                "SELECT * FROM read_text('/etc/passwd')".into(),
+                |r| matches!(r, Refusal::Function { name, .. } if name == "read_text"),
+            ),
+            ("SELECT * FROM '/etc/passwd'".into(), |r| {
+                matches!(r, Refusal::FileAccess(_))
+            }),
+            ("SELECT * FROM duckdb_settings()".into(), |r| {
+                matches!(r, Refusal::Function { .. })
+            }),
+            ("SELECT * FROM information_schema.tables".into(), |r| {
+                matches!(r, Refusal::Catalogue(_))
+            }),
+            ("SELECT current_setting('temp_directory')".into(), |r| {
+                matches!(r, Refusal::Function { .. })
+            }),
+            (
+                "SELECT setseed(0.1)".into(),
+                |r| matches!(r, Refusal::Function { reason, .. } if reason.contains("state")),
+            ),
+            ("SHOW TABLES".into(), |r| matches!(r, Refusal::Catalogue(_))),
+            ("SELECT * FROM nope".into(), |r| {
+                matches!(r, Refusal::UnknownDataset { .. })
+            }),
+            (
+                "WITH x AS (SELECT * FROM x) SELECT * FROM x".into(),
+                |r| matches!(r, Refusal::UnknownDataset { name, .. } if name == "x"),
+            ),
+        ];
+        for (sql, expected) in &cases {
+            let refusal = refusal(&engine, sql);
+            assert!(expected(&refusal), "{sql}: {refusal:?}");
+        }
+        assert!(!temp.path().join("out.csv").exists(), "nothing ran");
+        // Refused statements left nothing on the pooled connection.
         assert_eq!(
-            lock(&engine.pool).len(),
-            1,
-            "one connection served every query"
+            run_sql(&engine, "SELECT * FROM numbers").map_err(|e| e.to_string()),
+            Ok(10)
+        );
+    }
+
+    #[test]
+    fn explain_runs_the_plan_of_an_accepted_query_only() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let temp = tempfile::tempdir().expect("tempdir");
+        write_parquet(data.path(), "numbers");
+        let engine = Engine::open(&settings(data.path(), temp.path())).expect("open");
+        let params = crate::Params::default();
+        for explain in [crate::Explain::Plan, crate::Explain::Analyze] {
+            let mut sink = Count {
+                rows: 0,
+                stop_after: None,
+            };
+            let spec = QuerySpec {
+                sql: "SELECT sum(twice) FROM numbers",
+                params: &params,
+                max_rows: u64::MAX,
+                explain: Some(explain),
+            };
+            engine.run(&spec, &mut sink).expect("explain");
+            assert!(sink.rows >= 1, "{explain:?}");
+            let refused = QuerySpec {
+                sql: "SELECT * FROM read_text('/etc/passwd')",
+                ..spec
+            };
+            assert!(matches!(
+                engine.run(&refused, &mut sink),
+                Err(QueryError::Refused(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn the_sandbox_proof_needs_duckdb_itself_to_refuse_the_probe() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let temp = tempfile::tempdir().expect("tempdir");
+        let outside = temp.path().join("probe");
+        std::fs::write(&outside, "probe").expect("write");
+        let open = |probe: &Path| {
+            Engine::open(&EngineSettings {
+                sandbox_probe: Some(probe.to_owned()),
+                ..settings(data.path(), temp.path())
+            })
+        };
+        open(&outside).expect("a probe outside the allowed directories is refused");
+        let missing = temp.path().join("missing");
+        assert!(matches!(open(&missing), Err(Error::SandboxProbe { .. })));
+        // A probe DuckDB may read (it is in the data directory) fails the proof.
+        let inside = data.path().join("probe");
+        std::fs::write(&inside, "probe").expect("write");
+        assert!(matches!(open(&inside), Err(Error::SandboxLeak { .. })));
+    }
+
+    #[test]
+    fn a_bad_file_makes_one_dataset_unavailable() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let temp = tempfile::tempdir().expect("tempdir");
+        write_parquet(data.path(), "numbers");
+        std::fs::write(data.path().join("broken.parquet"), b"not parquet").expect("write");
+        let engine = Engine::open(&settings(data.path(), temp.path())).expect("open");
+        let catalog = engine.catalog();
+        let broken = catalog
+            .iter()
+            .find(|d| d.dataset.name == "broken")
+            .expect("listed");
+        assert!(broken.error.is_some());
+        assert!(matches!(
+            refusal(&engine, "SELECT * FROM broken"),
+            crate::Refusal::DatasetUnavailable { .. }
+        ));
+        assert_eq!(
+            run_sql(&engine, "SELECT * FROM numbers").map_err(|e| e.to_string()),
+            Ok(10)
         );
     }
 

@@ -21,8 +21,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot open DuckDB")]
-    Open(#[source] duckdb::Error),
+    #[error("cannot open DuckDB: {0}")]
+    Open(String),
+    #[error("cannot connect to DuckDB")]
+    Connect(#[source] duckdb::Error),
     #[error("cannot apply DuckDB setting {setting}")]
     Setting {
         setting: &'static str,
@@ -36,8 +38,12 @@ pub enum Error {
         #[source]
         source: duckdb::Error,
     },
-    #[error("sandbox check failed: DuckDB could read {path}, outside the data directory")]
+    #[error(
+        "sandbox check failed: DuckDB did not refuse to read {path}, outside its allowed directories"
+    )]
     SandboxLeak { path: PathBuf },
+    #[error("sandbox check failed: the probe file {path} is missing")]
+    SandboxProbe { path: PathBuf },
     #[error("DuckDB query failed")]
     Query(#[source] duckdb::Error),
 }

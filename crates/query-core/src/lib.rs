@@ -7,7 +7,11 @@
 //!
 //! - [`engine`]: opening a sandboxed in-memory DuckDB instance ([`Engine::open`]) with the
 //!   worker's share of memory and threads, and proving the sandbox holds before it is used.
-//! - [`sql`]: the statement check (one read-only statement, decided before DuckDB sees it).
+//! - [`gate`]: which statements a request may run, decided from DuckDB's own parse (one
+//!   statement, a query, reading only datasets, calling no function with side effects).
+//! - `capi`: DuckDB's C API where duckdb-rs has no safe equivalent (statement extraction,
+//!   prepared statements, Arrow results): the crate's only `unsafe`.
+//! - `pool`: the query connections and their prepared statements.
 //! - [`query`]: parameters, running a query into a [`ResultSink`], classifying DuckDB's errors.
 //! - [`encode`]: the result formats (JSON, NDJSON, CSV, Arrow IPC stream, Parquet).
 //! - [`snapshot`]: datasets loaded once into DuckDB files that every worker attaches read-only.
@@ -32,20 +36,24 @@
 //! # Ok::<(), ferrocorn_query_core::Error>(())
 //! ```
 
+mod capi;
 pub mod catalog;
 pub mod encode;
 pub mod engine;
 pub mod error;
+pub mod gate;
+mod pool;
 pub mod query;
 pub mod snapshot;
-pub mod sql;
 
 pub use arrow;
 pub use catalog::Dataset;
-pub use duckdb::InterruptHandle;
 pub use encode::{Encoder, Format, Summary};
-pub use engine::{Column, DatasetInfo, Engine, EngineSettings, Storage};
+pub use engine::{Column, DatasetInfo, Engine, EngineSettings, Instance, Storage};
 pub use error::Error;
-pub use query::{Flow, Outcome, ParamError, ParamValue, Params, QueryError, QuerySpec, ResultSink};
+pub use gate::{Analysis, Refusal};
+pub use query::{
+    Explain, Flow, InterruptHandle, Outcome, ParamError, ParamValue, Params, QueryError, QuerySpec,
+    ResultSink,
+};
 pub use snapshot::{DatasetOptions, StorageMode, StorageSettings};
-pub use sql::SqlCheckError;

@@ -1,18 +1,17 @@
-//! Running one query: checking, binding parameters, streaming Arrow batches with a row cap.
+//! Running one query: parameters, streaming Arrow batches with a row cap, classifying errors.
 //!
 //! [`Engine::run`](crate::Engine::run) drives a [`ResultSink`]: it hands over the interrupt
 //! handle first (so the caller can enforce a deadline or cancel on disconnect from another
 //! thread), then the schema, then the batches. The sink may stop the query at any point.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
-use duckdb::InterruptHandle;
-use duckdb::types::Value;
 
-use crate::sql::SqlCheckError;
+pub use crate::capi::InterruptHandle;
+use crate::capi::Value;
+use crate::gate::Refusal;
 
 /// A query parameter's value, from typed JSON.
 #[derive(Clone, Debug, PartialEq)]
@@ -131,7 +130,7 @@ impl ParamValue {
         };
         Ok(match self {
             Self::Null => Value::Null,
-            Self::Bool(b) => Value::Boolean(*b),
+            Self::Bool(b) => Value::Bool(*b),
             Self::Int(i) => Value::BigInt(*i),
             Self::UInt(u) => Value::UBigInt(*u),
             Self::Float(f) => Value::Double(*f),
@@ -161,7 +160,7 @@ impl ParamValue {
                         .parse()
                         .map_err(|_| bad(format!("{value:?} is not a DOUBLE")))?,
                 ),
-                "date" => Value::Date32(
+                "date" => Value::Date(
                     parse_date(value)
                         .ok_or_else(|| bad(format!("{value:?} is not a date (YYYY-MM-DD)")))?,
                 ),
@@ -280,6 +279,35 @@ impl Params {
     }
 }
 
+/// `EXPLAIN` of a query instead of its result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Explain {
+    /// The plan DuckDB would run (nothing executes).
+    Plan,
+    /// The plan with the time and rows of each operator: the query runs, its rows are dropped.
+    Analyze,
+}
+
+impl Explain {
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "plan" => Some(Self::Plan),
+            "analyze" => Some(Self::Analyze),
+            _ => None,
+        }
+    }
+
+    /// The text DuckDB runs for a statement that the gate accepted as one SELECT. The option
+    /// list is written out in full so that no prefix of the statement can be read as options:
+    /// what follows it is parsed exactly as the statement alone was.
+    pub(crate) fn wrap(self, sql: &str) -> String {
+        match self {
+            Self::Plan => format!("EXPLAIN (FORMAT text) {sql}"),
+            Self::Analyze => format!("EXPLAIN (ANALYZE, FORMAT text) {sql}"),
+        }
+    }
+}
+
 /// What one query asks for.
 #[derive(Clone, Debug)]
 pub struct QuerySpec<'a> {
@@ -287,6 +315,8 @@ pub struct QuerySpec<'a> {
     pub params: &'a Params,
     /// Rows delivered at most; more makes the result `truncated`.
     pub max_rows: u64,
+    /// Its plan instead of its result.
+    pub explain: Option<Explain>,
 }
 
 /// Whether the sink wants more.
@@ -299,7 +329,7 @@ pub enum Flow {
 /// Receives a query's result as it is produced.
 pub trait ResultSink {
     /// Called once, before execution starts: the handle interrupts the query from any thread.
-    fn started(&mut self, interrupt: Arc<InterruptHandle>);
+    fn started(&mut self, interrupt: InterruptHandle);
     /// The result's schema, before any batch.
     fn schema(&mut self, schema: SchemaRef) -> Flow;
     fn batch(&mut self, batch: RecordBatch) -> Flow;
@@ -318,8 +348,9 @@ pub struct Outcome {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum QueryError {
+    /// The statement gate refused it (see [`crate::gate`]).
     #[error(transparent)]
-    Check(#[from] SqlCheckError),
+    Refused(#[from] Refusal),
     #[error(transparent)]
     Param(#[from] ParamError),
     /// DuckDB could not parse the statement.
@@ -344,12 +375,16 @@ pub enum QueryError {
 }
 
 impl QueryError {
-    /// Classify a DuckDB error by the error class DuckDB prefixes its messages with.
+    /// Classify a DuckDB error of duckdb-rs.
     pub fn from_duckdb(error: duckdb::Error) -> Self {
-        let message = match &error {
-            duckdb::Error::DuckDBFailure(_, Some(message)) => message.clone(),
-            other => other.to_string(),
-        };
+        match error {
+            duckdb::Error::DuckDBFailure(_, Some(message)) => Self::from_message(message),
+            other => Self::from_message(other.to_string()),
+        }
+    }
+
+    /// Classify a DuckDB error message by the error class DuckDB prefixes it with.
+    pub fn from_message(message: String) -> Self {
         let class = message
             .split_once(" Error:")
             .map(|(c, _)| c.trim().to_ascii_lowercase());

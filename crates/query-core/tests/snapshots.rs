@@ -4,7 +4,6 @@
 //! (or the directory in `FERROCORN_TPCH_DIR`).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::datatypes::SchemaRef;
@@ -21,7 +20,7 @@ use ferrocorn_query_core::{
 struct Lines(Vec<String>);
 
 impl ResultSink for Lines {
-    fn started(&mut self, _: Arc<InterruptHandle>) {}
+    fn started(&mut self, _: InterruptHandle) {}
     fn schema(&mut self, _: SchemaRef) -> Flow {
         Flow::Continue
     }
@@ -52,6 +51,7 @@ fn run(engine: &Engine, sql: &str) -> Vec<String> {
                 sql,
                 params: &params,
                 max_rows: u64::MAX,
+                explain: None,
             },
             &mut lines,
         )
@@ -83,6 +83,7 @@ fn settings(data: &Path, temp: &Path, snapshots: Option<&Path>) -> EngineSetting
             datasets,
             auto_max_bytes: 0,
         },
+        ..EngineSettings::default()
     }
 }
 

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use ferrocorn_query_core::StorageMode;
+use ferrocorn_worker::sandbox::SandboxMode;
 
 use crate::config::{ConfigError, Env, Origin, Origins, RawConfig};
 
@@ -103,6 +104,9 @@ pub struct Cli {
     /// How datasets are served: auto, snapshot or parquet.
     #[arg(long, value_name = "MODE")]
     pub storage: Option<StorageMode>,
+    /// The kernel's sandbox for workers: auto or required.
+    #[arg(long, value_name = "MODE")]
+    pub sandbox: Option<SandboxMode>,
     /// Keep query results in cache_dir, shared by all workers.
     #[arg(long, value_name = "BOOL")]
     pub result_cache: Option<bool>,
@@ -175,6 +179,7 @@ impl Cli {
         flag!(duckdb_max_temp_size, "--duckdb-max-temp-size");
         flag!(cache_dir, "--cache-dir");
         flag!(storage, "--storage");
+        flag!(sandbox, "--sandbox");
         flag!(result_cache, "--result-cache");
         flag!(result_cache_size, "--result-cache-size");
         flag!(loglevel, "--log-level");

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use ferrocorn_query_core::{DatasetOptions, StorageMode};
 use ferrocorn_worker::access_log::AccessLogTarget;
+use ferrocorn_worker::sandbox::SandboxMode;
 use ferrocorn_worker::scoreboard::MAX_WORKERS;
 
 /// A configuration error; the message always names the key or the file.
@@ -179,6 +180,9 @@ raw_config! {
     storage: StorageMode,
     /// Per-dataset options: `[datasets.NAME]` with `storage` and `sort_key`.
     datasets: BTreeMap<String, DatasetOptions>,
+    /// The kernel's sandbox for workers: "auto" (Landlock where the kernel has it, else DuckDB's
+    /// settings alone, with a warning) or "required" (a worker without Landlock fails to boot).
+    sandbox: SandboxMode,
     /// Keep query results in `cache_dir`, shared by all workers.
     result_cache: bool,
     /// Most bytes the result cache keeps on disk; least recently used entries go first.
@@ -233,6 +237,7 @@ impl RawConfig {
             cache_dir: Some(PathBuf::from("cache")),
             storage: Some(StorageMode::Auto),
             datasets: None,
+            sandbox: Some(SandboxMode::Auto),
             result_cache: Some(true),
             result_cache_size: Some("256MiB".to_owned()),
             loglevel: Some("info".to_owned()),
@@ -419,6 +424,7 @@ pub struct Config {
     pub cache_dir: PathBuf,
     pub storage: StorageMode,
     pub datasets: BTreeMap<String, DatasetOptions>,
+    pub sandbox: SandboxMode,
     /// The result cache's byte bound; `None` when it is off.
     pub result_cache_bytes: Option<u64>,
     pub loglevel: String,
@@ -503,6 +509,15 @@ impl Config {
                     "{} does not exist or is not a directory",
                     temp_dir.display()
                 ),
+            ));
+        }
+        // The data directory is read-only to the workers (the kernel enforces it); their spill
+        // directories must lie outside it.
+        let canonical = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_owned());
+        if canonical(&temp_dir).starts_with(canonical(&data_dir)) {
+            return Err(invalid(
+                "temp_dir",
+                "must not be inside data_dir, which workers can only read",
             ));
         }
         let memory_text = require(&raw.duckdb_memory_limit, "duckdb_memory_limit")?;
@@ -630,6 +645,7 @@ impl Config {
             cache_dir,
             storage: require(&raw.storage, "storage")?,
             datasets,
+            sandbox: require(&raw.sandbox, "sandbox")?,
             result_cache_bytes,
             loglevel,
             errorlog,

@@ -25,6 +25,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use ferrocorn_query_core::{EngineSettings, StorageSettings};
+use ferrocorn_worker::access_log::AccessLogTarget;
 use ferrocorn_worker::query::QuerySettings;
 use ferrocorn_worker::result_cache::ResultCacheSettings;
 use ferrocorn_worker::scoreboard::{
@@ -423,11 +424,36 @@ impl Master {
         }
     }
 
+    /// The spill directory of a worker: its own, under `temp_dir`.
+    fn spill_dir(&self, master: Pid, worker: Pid) -> std::path::PathBuf {
+        self.config
+            .temp_dir
+            .join(format!("ferrocorn-{}-{}", master.as_raw(), worker.as_raw()))
+    }
+
+    /// Remove what an exited worker leaves in `temp_dir`: its sandbox probe, and its spill
+    /// directory, which its sandbox does not let it remove itself (and a killed worker cannot).
+    fn remove_spill_dir(&self, worker: Pid) {
+        let spill = self.spill_dir(nix::unistd::getpid(), worker);
+        let probe = ferrocorn_worker::sandbox_probe(&spill);
+        for result in [
+            std::fs::remove_file(&probe),
+            std::fs::remove_dir_all(&spill),
+        ] {
+            if let Err(e) = result
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(pid = worker.as_raw(), error = %e, "cannot remove a worker's spill directory");
+            }
+        }
+    }
+
     fn on_exit(&mut self, pid: Pid, status: WaitStatus) {
         let Some(worker) = self.workers.remove(&pid) else {
             tracing::debug!(%pid, ?status, "reaped a process that was not a worker");
             return;
         };
+        self.remove_spill_dir(pid);
         let record = self.record(worker.record);
         let boot_failed = worker.ready_at.is_none()
             && (record.state() == RecordState::BootFailed
@@ -783,6 +809,16 @@ impl Master {
                 dir: c.cache_dir.join("results"),
                 max_bytes,
             }),
+            sandbox: c.sandbox,
+            log_files: c
+                .errorlog
+                .iter()
+                .cloned()
+                .chain(c.accesslog.iter().filter_map(|target| match target {
+                    AccessLogTarget::File(path) => Some(path.clone()),
+                    AccessLogTarget::Stdout => None,
+                }))
+                .collect(),
         }
     }
 
@@ -837,11 +873,7 @@ impl Master {
                 self.become_worker(master_pid);
                 let engine = EngineSettings {
                     data_dir: self.config.data_dir.clone(),
-                    temp_dir: self.config.temp_dir.join(format!(
-                        "ferrocorn-{}-{}",
-                        master_pid.as_raw(),
-                        std::process::id()
-                    )),
+                    temp_dir: self.spill_dir(master_pid, nix::unistd::getpid()),
                     memory_limit_bytes,
                     threads,
                     max_temp_bytes: self
@@ -856,6 +888,7 @@ impl Master {
                         // budget: the pool's page cache can then hold the one shared copy.
                         auto_max_bytes: self.config.duckdb_memory_limit_bytes,
                     },
+                    ..EngineSettings::default()
                 };
                 let code = ferrocorn_worker::run(WorkerArgs {
                     slot,

@@ -11,7 +11,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use ferrocorn_query_core::error::chain as error_chain;
-use ferrocorn_query_core::sql::CacheProfile;
 use ferrocorn_query_core::{DatasetInfo, Engine, Storage};
 use hashlink::LruCache;
 use http::{HeaderValue, header};
@@ -43,8 +42,6 @@ pub struct AppState {
     pub scoreboard: &'static Scoreboard,
     /// The pool's result cache, if it is on (and its directory usable).
     pub result_cache: Option<Arc<ResultCache>>,
-    /// Cache profiles of recent statements, by text.
-    profiles: Mutex<LruCache<String, Option<Arc<CacheProfile>>>>,
     /// Result keys of recent requests (see [`crate::query::KeyMemo`]).
     keys: Mutex<LruCache<u64, crate::query::KeyMemo>>,
     pub settings: WorkerSettings,
@@ -56,6 +53,8 @@ pub struct AppState {
     pub on_budget_spent: Box<dyn Fn() + Send + Sync>,
     /// Where request lines go, if anywhere.
     pub access_log: Option<AccessLog>,
+    /// What enforces the worker's file-system boundary.
+    pub sandbox: crate::sandbox::SandboxStatus,
     next_request: AtomicU64,
 }
 
@@ -69,16 +68,40 @@ impl std::fmt::Debug for AppState {
     }
 }
 
+/// What a worker's shared state is made of.
+pub struct StateParts {
+    pub slot: usize,
+    pub engine: Arc<Engine>,
+    pub record: &'static WorkerRecord,
+    pub scoreboard: &'static Scoreboard,
+    pub settings: WorkerSettings,
+    /// Called once when the request budget is spent.
+    pub on_budget_spent: Box<dyn Fn() + Send + Sync>,
+    pub access_log: Option<AccessLog>,
+    pub sandbox: crate::sandbox::SandboxStatus,
+}
+
+impl std::fmt::Debug for StateParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateParts")
+            .field("slot", &self.slot)
+            .field("sandbox", &self.sandbox)
+            .finish_non_exhaustive()
+    }
+}
+
 impl AppState {
-    pub fn new(
-        slot: usize,
-        engine: Arc<Engine>,
-        record: &'static WorkerRecord,
-        scoreboard: &'static Scoreboard,
-        settings: WorkerSettings,
-        on_budget_spent: Box<dyn Fn() + Send + Sync>,
-        access_log: Option<AccessLog>,
-    ) -> Self {
+    pub fn new(parts: StateParts) -> Self {
+        let StateParts {
+            slot,
+            engine,
+            record,
+            scoreboard,
+            settings,
+            on_budget_spent,
+            access_log,
+            sandbox,
+        } = parts;
         let result_cache = settings.result_cache.as_ref().and_then(|cache| {
             ResultCache::open(cache, scoreboard.pool())
                 .inspect_err(|e| {
@@ -94,7 +117,6 @@ impl AppState {
             record,
             scoreboard,
             result_cache,
-            profiles: Mutex::new(LruCache::new(REMEMBERED_STATEMENTS)),
             keys: Mutex::new(LruCache::new(REMEMBERED_STATEMENTS)),
             query: settings.query.clone(),
             admission: Admission::new(&settings.query),
@@ -102,6 +124,7 @@ impl AppState {
             draining: AtomicBool::new(false),
             on_budget_spent,
             access_log,
+            sandbox,
             next_request: AtomicU64::new(1),
         }
     }
@@ -114,20 +137,6 @@ impl AppState {
     /// The result keys this worker remembers.
     pub fn key_memo(&self) -> std::sync::MutexGuard<'_, LruCache<u64, crate::query::KeyMemo>> {
         self.keys.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The cache profile of a statement, remembered by its text: dashboards send the same few
-    /// statements again and again.
-    pub fn cache_profile(&self, sql: &str) -> Option<Arc<CacheProfile>> {
-        let mut profiles = self.profiles.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(known) = profiles.get(sql) {
-            return known.clone();
-        }
-        let profile = ferrocorn_query_core::sql::cache_profile(sql).map(Arc::new);
-        if sql.len() <= MAX_REMEMBERED_STATEMENT {
-            profiles.insert(sql.to_owned(), profile.clone());
-        }
-        profile
     }
 
     fn request_id(&self, incoming: Option<&HeaderValue>) -> String {
@@ -349,10 +358,11 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Ready>, ApiEr
         pid: state.pid,
         duckdb: state.engine.duckdb_version().to_owned(),
         datasets: state.engine.dataset_count(),
+        sandbox: state.sandbox.describe(),
     }))
 }
 
-/// Statements whose cache profile a worker remembers, and the longest remembered.
+/// Request shapes whose result key a worker remembers, and the longest statement remembered.
 const REMEMBERED_STATEMENTS: usize = 1024;
 pub const MAX_REMEMBERED_STATEMENT: usize = 16 << 10;
 
@@ -397,6 +407,8 @@ fn describe(info: &DatasetInfo) -> DatasetDoc {
             Storage::Parquet => None,
         },
         pending_version: info.pending.clone(),
+        available: info.error.is_none(),
+        error: info.error.clone(),
     }
 }
 

@@ -8,6 +8,7 @@
 //! - [`scoreboard`]: the shared-memory records through which a worker reports its state,
 //!   heartbeat and request count to the master.
 //! - [`settings`]: what the supervisor passes down ([`WorkerSettings`], [`WorkerArgs`]).
+//! - [`sandbox`]: the worker's Landlock rules, applied right after the fork, and their proof.
 //! - [`server`]: the lifecycle (booting → ready → draining → exited), the accept loop with its
 //!   connection cap, per-connection hyper settings (keep-alive, header timeout, limits), drain.
 //! - [`access_log`]: one combined-format line per request, reopened on SIGUSR1.
@@ -35,9 +36,10 @@ pub mod openapi;
 pub mod problem;
 pub mod query;
 pub mod result_cache;
+pub mod sandbox;
 pub mod scoreboard;
 pub mod server;
 pub mod settings;
 
-pub use server::{EXIT_BOOT_FAILED, WorkerPhase, run};
+pub use server::{EXIT_BOOT_FAILED, WorkerPhase, run, sandbox_probe};
 pub use settings::{Listener, WorkerArgs, WorkerSettings};

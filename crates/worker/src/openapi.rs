@@ -53,6 +53,9 @@ pub struct Ready {
     pub duckdb: String,
     /// Registered datasets.
     pub datasets: usize,
+    /// What enforces the worker's file-system boundary: `landlock (ABI 7) and duckdb`, or
+    /// `duckdb only: <why>` where the kernel has no Landlock.
+    pub sandbox: String,
 }
 
 /// A column: its name and DuckDB type.
@@ -84,6 +87,10 @@ pub struct DatasetDoc {
     pub snapshot_bytes: Option<u64>,
     /// The version of the files whose snapshot is being built, while it is not served yet.
     pub pending_version: Option<String>,
+    /// Whether queries can read it; when not, `error` says why (its files are not valid
+    /// Parquet, say) and queries naming it are answered 503 `dataset_unavailable`.
+    pub available: bool,
+    pub error: Option<String>,
 }
 
 /// `GET /v1/datasets`.

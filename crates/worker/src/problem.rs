@@ -4,7 +4,7 @@
 //! that decides its HTTP status and `code`.
 
 use axum::response::{IntoResponse, Response};
-use ferrocorn_query_core::{QueryError, SqlCheckError};
+use ferrocorn_query_core::{QueryError, Refusal};
 use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
 
@@ -64,15 +64,21 @@ impl ApiError {
             Self::QueryTimeout => (StatusCode::GATEWAY_TIMEOUT, "query_timeout"),
             Self::UnknownDataset(_) => (StatusCode::NOT_FOUND, "unknown_dataset"),
             Self::Query(error) => match error {
-                QueryError::Check(check) if check.is_forbidden() => {
-                    (StatusCode::FORBIDDEN, "statement_not_allowed")
-                }
-                QueryError::Check(SqlCheckError::MultipleStatements(_)) => {
-                    (StatusCode::BAD_REQUEST, "multiple_statements")
-                }
-                QueryError::Check(_) | QueryError::Syntax(_) => {
-                    (StatusCode::BAD_REQUEST, "sql_syntax")
-                }
+                QueryError::Refused(refusal) => match refusal {
+                    Refusal::FileAccess(_) => (StatusCode::FORBIDDEN, "access_denied"),
+                    Refusal::MultipleStatements(_) => {
+                        (StatusCode::BAD_REQUEST, "multiple_statements")
+                    }
+                    Refusal::UnknownDataset { .. } => (StatusCode::BAD_REQUEST, "sql_binder"),
+                    Refusal::DatasetUnavailable { .. } => {
+                        (StatusCode::SERVICE_UNAVAILABLE, "dataset_unavailable")
+                    }
+                    other if other.is_forbidden() => {
+                        (StatusCode::FORBIDDEN, "statement_not_allowed")
+                    }
+                    _ => (StatusCode::BAD_REQUEST, "sql_syntax"),
+                },
+                QueryError::Syntax(_) => (StatusCode::BAD_REQUEST, "sql_syntax"),
                 QueryError::Param(_) => (StatusCode::BAD_REQUEST, "invalid_parameter"),
                 QueryError::Binder(_) => (StatusCode::BAD_REQUEST, "sql_binder"),
                 QueryError::Permission(_) => (StatusCode::FORBIDDEN, "access_denied"),

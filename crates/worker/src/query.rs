@@ -10,9 +10,10 @@
 //! Errors before the first byte are problem documents; an error after it can never pass for a
 //! complete result: NDJSON ends with an `{"error": …}` line, other formats abort the body.
 //!
-//! A statement whose result is determined by its inputs (see
-//! [`ferrocorn_query_core::sql::cache_profile`]) gets an `ETag` made of those inputs and the
-//! versions of the datasets it names: `If-None-Match` with it is answered 304 without running
+//! Before anything else the statement passes the query core's gate ([`ferrocorn_query_core::gate`]),
+//! which also says which datasets it reads and whether its result is determined by its inputs.
+//! Such a statement gets an `ETag` made of its exact text, its parameters and the versions of the
+//! datasets it reads: `If-None-Match` with it is answered 304 without running
 //! anything, and a result that fits the first buffer is kept in the pool's result cache
 //! ([`crate::result_cache`]). The request's `Cache-Control: no-cache` skips the cache lookup
 //! (the fresh result is still stored); `no-store` skips both.
@@ -29,8 +30,8 @@ use axum::response::{IntoResponse, Response};
 use ferrocorn_query_core::arrow::datatypes::SchemaRef;
 use ferrocorn_query_core::arrow::record_batch::RecordBatch;
 use ferrocorn_query_core::{
-    Encoder, Flow, Format, InterruptHandle, Outcome, Params, QueryError, QuerySpec, ResultSink,
-    Summary,
+    Analysis, Encoder, Explain, Flow, Format, InterruptHandle, Outcome, Params, QueryError,
+    QuerySpec, ResultSink, Summary,
 };
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::StreamBody;
@@ -117,6 +118,10 @@ pub struct QueryBody {
     /// Deadline in milliseconds (below the server's maximum).
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// `plan` answers the query's plan instead of its result (nothing runs); `analyze` runs it
+    /// and answers the plan with each operator's time and rows.
+    #[serde(default)]
+    pub explain: Option<String>,
 }
 
 /// Run one read-only statement (JSON body).
@@ -187,6 +192,7 @@ pub async fn post_query(
         ("format" = Option<String>, Query, description = "json, ndjson, csv, arrow or parquet"),
         ("limit" = Option<u64>, Query, description = "Rows at most"),
         ("timeout_ms" = Option<u64>, Query, description = "Deadline in milliseconds"),
+        ("explain" = Option<String>, Query, description = "plan or analyze: the query's plan instead of its result"),
     ),
     responses((status = 200, response = inline(QueryResult)), QueryErrors)
 )]
@@ -222,9 +228,10 @@ pub async fn get_query(
     let limit = number(&mut query, "limit")?;
     let timeout_ms = number(&mut query, "timeout_ms")?;
     let format = query.remove("format");
+    let explain = query.remove("explain");
     if let Some(unknown) = query.keys().next() {
         return Err(bad(format!(
-            "unknown parameter {unknown:?}; expected sql, params, format, limit, timeout_ms"
+            "unknown parameter {unknown:?}; expected sql, params, format, limit, timeout_ms, explain"
         )));
     }
     run_query(
@@ -236,6 +243,7 @@ pub async fn get_query(
             format,
             limit,
             timeout_ms,
+            explain,
         },
     )
     .await
@@ -302,7 +310,7 @@ enum Chunk {
 /// Cancels the query when dropped before it finished (client gone) and on deadline.
 #[derive(Default)]
 struct Cancel {
-    handle: Mutex<Option<Arc<InterruptHandle>>>,
+    handle: Mutex<Option<InterruptHandle>>,
     fired: AtomicBool,
     timed_out: AtomicBool,
     done: AtomicBool,
@@ -405,7 +413,7 @@ impl ChannelSink {
 }
 
 impl ResultSink for ChannelSink {
-    fn started(&mut self, interrupt: Arc<InterruptHandle>) {
+    fn started(&mut self, interrupt: InterruptHandle) {
         let mut slot = self.cancel.handle.lock().unwrap_or_else(|e| e.into_inner());
         if self.cancel.fired.load(Ordering::Acquire) {
             interrupt.interrupt();
@@ -465,6 +473,16 @@ async fn run_query(
         headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()),
     )?;
     let params = Params::from_json(body.params.as_ref()).map_err(|e| ApiError::Query(e.into()))?;
+    let explain = body
+        .explain
+        .as_deref()
+        .map(|name| {
+            Explain::from_name(name).ok_or_else(|| ApiError::BadRequest {
+                code: "invalid_body",
+                detail: format!("unknown explain {name:?}; one of plan, analyze"),
+            })
+        })
+        .transpose()?;
     let settings = &state.query;
     let max_rows = body.limit.map_or(settings.max_result_rows, |l| {
         l.min(settings.max_result_rows)
@@ -476,7 +494,24 @@ async fn run_query(
 
     // The dataset versions in the cache key (and the views the query reads) must be current.
     crate::http::refresh_catalog(&state.engine).await;
-    let cache = Caching::plan(&state, headers, &body, format, max_rows);
+    // The gate first: a refused statement takes no query slot and costs DuckDB one parse.
+    let analysis = match state.engine.cached_analysis(&body.sql) {
+        Some(known) => known,
+        None => {
+            let engine = state.engine.clone();
+            let sql = body.sql.clone();
+            tokio::task::spawn_blocking(move || engine.analyze(&sql))
+                .await
+                .map_err(|_| ApiError::Internal)??
+        }
+    };
+    analysis
+        .check(&state.engine.catalog())
+        .map_err(|e| ApiError::Query(e.into()))?;
+    let cache = match explain {
+        None => Caching::plan(&state, headers, &body, &analysis, format, max_rows),
+        Some(_) => None,
+    };
     if let Some(cache) = &cache {
         if cache.matches(headers.get(header::IF_NONE_MATCH)) {
             PoolCounters::add(&state.pool().not_modified, 1);
@@ -540,6 +575,7 @@ async fn run_query(
                 sql: &sql,
                 params: &params,
                 max_rows,
+                explain,
             };
             let result = engine.run(&spec, &mut sink);
             let chunk = match result {
@@ -708,16 +744,16 @@ struct Caching {
 }
 
 impl Caching {
-    /// `None` when the statement's result may not be reused (see
-    /// [`ferrocorn_query_core::sql::cache_profile`]).
+    /// `None` when the statement's result may not be reused (see [`result_key`]).
     fn plan(
         state: &AppState,
         headers: &HeaderMap,
         body: &QueryBody,
+        analysis: &Analysis,
         format: Format,
         max_rows: u64,
     ) -> Option<Self> {
-        let (key, etag) = result_key(state, body, format, max_rows)?;
+        let (key, etag) = result_key(state, body, analysis, format, max_rows)?;
         let (mut no_store, mut no_cache) = (false, false);
         for directive in headers
             .get_all(header::CACHE_CONTROL)
@@ -778,11 +814,15 @@ pub struct KeyMemo {
 }
 
 /// The result key of a request and its `ETag`, or `None` when its result may not be reused:
-/// the statement is volatile or names no dataset (see
-/// [`ferrocorn_query_core::sql::cache_profile`]).
+/// the gate found it not deterministic, or it reads no dataset (only datasets have versions to
+/// key a result by). The key is the statement's exact text (two texts share an entry only if they
+/// are the same statement to DuckDB, whatever DuckDB would make of their differences), the
+/// parameters, the format, the row limit, DuckDB's version and the served version of every
+/// dataset the statement reads.
 fn result_key(
     state: &AppState,
     body: &QueryBody,
+    analysis: &Analysis,
     format: Format,
     max_rows: u64,
 ) -> Option<(CacheKey, HeaderValue)> {
@@ -806,25 +846,19 @@ fn result_key(
         return Some((memo.key.clone(), memo.etag.clone()));
     }
 
-    let find = |name: &str| {
-        catalog
-            .iter()
-            .find(|d| d.dataset.name.eq_ignore_ascii_case(name))
-    };
-    let profile = state.cache_profile(&body.sql)?;
-    if !profile.names.iter().any(|n| find(n).is_some()) {
-        // Only datasets have versions to key a result by.
+    let datasets = analysis.datasets(&catalog);
+    if !analysis.is_deterministic() || datasets.is_empty() {
         return None;
     }
     let max_rows_bytes = max_rows.to_le_bytes();
     let mut parts: Vec<&[u8]> = vec![
         state.engine.duckdb_version().as_bytes(),
-        profile.normalised.as_bytes(),
+        body.sql.as_bytes(),
         &params,
         format.name().as_bytes(),
         &max_rows_bytes,
     ];
-    for info in profile.names.iter().filter_map(|n| find(n)) {
+    for info in datasets {
         parts.push(info.dataset.name.as_bytes());
         parts.push(info.dataset.version.as_bytes());
     }

@@ -48,7 +48,8 @@ impl CacheKey {
     /// different lists of parts hash the same input.
     pub fn new<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Self {
         let mut hasher = Sha256::new();
-        hasher.update(b"ferrocorn-result-v1");
+        // v2: keyed on the exact statement text (v1 keyed on a normalisation of it).
+        hasher.update(b"ferrocorn-result-v2");
         for part in parts {
             hasher.update((part.len() as u64).to_le_bytes());
             hasher.update(part);

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use ferrocorn_query_core::Engine;
+use ferrocorn_query_core::{Engine, Instance};
 use hyper::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -27,7 +27,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tower::ServiceExt;
 
 use crate::access_log::AccessLog;
-use crate::http::{AppState, PeerAddr, router};
+use crate::http::{AppState, PeerAddr, StateParts, router};
 use crate::scoreboard::{RecordState, WorkerRecord, monotonic_ms};
 use crate::settings::{Listener, WorkerArgs, WorkerSettings};
 use ferrocorn_query_core::error::chain as error_chain;
@@ -63,13 +63,56 @@ impl Phase<'_> {
 }
 
 /// Run a worker to completion; returns its exit code. Called in the child right after the fork.
-pub fn run(args: WorkerArgs) -> i32 {
+pub fn run(mut args: WorkerArgs) -> i32 {
+    let early_failure = |args: WorkerArgs, reason: String| {
+        tracing::error!(
+            slot = args.slot,
+            pid = std::process::id(),
+            reason,
+            "worker failed to boot"
+        );
+        args.record.set_message(&reason);
+        args.record.set_state(RecordState::BootFailed);
+        let _ = (&std::fs::File::from(args.notify)).write(&[1]);
+        EXIT_BOOT_FAILED
+    };
+    #[cfg(feature = "test-hooks")]
+    if let Some(reason) = std::env::var_os(FAIL_BOOT_FOR_TESTS) {
+        return early_failure(args, reason.to_string_lossy().into_owned());
+    }
+    // DuckDB's instance, then the kernel's sandbox, while this process has one thread (see
+    // `crate::sandbox`).
+    let instance = match Instance::open(&args.engine) {
+        Ok(instance) => instance,
+        Err(e) => return early_failure(args, error_chain(&e)),
+    };
+    let paths = sandbox_paths(&args);
+    let sandbox = match crate::sandbox::restrict(&paths, args.settings.sandbox) {
+        Ok(status) => status,
+        Err(e) => return early_failure(args, error_chain(&e)),
+    };
+    if let crate::sandbox::SandboxStatus::DuckDbOnly { reason } = &sandbox {
+        tracing::warn!(
+            slot = args.slot,
+            pid = std::process::id(),
+            reason,
+            "no kernel sandbox: only DuckDB's settings confine queries"
+        );
+    }
+    args.engine.sandbox_probe = Some(paths.probe);
+    #[cfg(feature = "test-hooks")]
+    {
+        args.engine.unlocked_for_tests = std::env::var_os(UNLOCK_FOR_TESTS).is_some();
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("ferrocorn-worker")
         // Enough for DuckDB calls (each holds a blocking thread for its duration) without
         // unbounded growth.
         .max_blocking_threads(64)
+        // DuckDB's parser and the gate's walk of its parse tree recurse with the nesting of a
+        // statement.
+        .thread_stack_size(BLOCKING_STACK)
         .build()
     {
         Ok(rt) => rt,
@@ -80,10 +123,49 @@ pub fn run(args: WorkerArgs) -> i32 {
             return EXIT_BOOT_FAILED;
         }
     };
-    runtime.block_on(serve(args))
+    runtime.block_on(serve(args, instance, sandbox))
 }
 
-async fn serve(args: WorkerArgs) -> i32 {
+/// Stack of the threads that call DuckDB.
+const BLOCKING_STACK: usize = 16 << 20;
+
+/// Test builds only: with this variable set, the worker's DuckDB runs without its own sandbox and
+/// without the statement gate, so a test can show what the kernel's sandbox alone stops.
+#[cfg(feature = "test-hooks")]
+pub const UNLOCK_FOR_TESTS: &str = "FERROCORN_TEST_UNLOCK_DUCKDB";
+
+/// Test builds only: with this variable set, every worker fails to boot with its value as the
+/// reason (how the master handles a pool that cannot boot is tested with it).
+#[cfg(feature = "test-hooks")]
+pub const FAIL_BOOT_FOR_TESTS: &str = "FERROCORN_TEST_FAIL_BOOT";
+
+/// The probe file of a worker whose spill directory is `spill_dir` (see [`crate::sandbox`]): next
+/// to it, outside every directory the worker may use. The master removes both when it reaps the
+/// worker.
+pub fn sandbox_probe(spill_dir: &std::path::Path) -> std::path::PathBuf {
+    let mut name = spill_dir.as_os_str().to_owned();
+    name.push(".probe");
+    name.into()
+}
+
+fn sandbox_paths(args: &WorkerArgs) -> crate::sandbox::SandboxPaths {
+    let engine = &args.engine;
+    let mut writable = vec![engine.temp_dir.clone()];
+    writable.extend(engine.storage.snapshot_dir.clone());
+    writable.extend(args.settings.result_cache.as_ref().map(|c| c.dir.clone()));
+    crate::sandbox::SandboxPaths {
+        data_dir: engine.data_dir.clone(),
+        writable,
+        log_files: args.settings.log_files.clone(),
+        probe: sandbox_probe(&engine.temp_dir),
+    }
+}
+
+async fn serve(
+    args: WorkerArgs,
+    instance: Instance,
+    sandbox: crate::sandbox::SandboxStatus,
+) -> i32 {
     let WorkerArgs {
         slot,
         listeners,
@@ -119,7 +201,11 @@ async fn serve(args: WorkerArgs) -> i32 {
 
     let heartbeat = tokio::spawn(heartbeat(record, settings.heartbeat_interval));
 
-    let engine = match tokio::task::spawn_blocking(move || Engine::open(&engine_settings)).await {
+    let engine = match tokio::task::spawn_blocking(move || {
+        Engine::start(&engine_settings, instance)
+    })
+    .await
+    {
         Ok(Ok(engine)) => Arc::new(engine),
         Ok(Err(e)) => return boot_failed(record, &error_chain(&e), &wake_master),
         Err(e) => return boot_failed(record, &format!("DuckDB open panicked: {e}"), &wake_master),
@@ -148,15 +234,16 @@ async fn serve(args: WorkerArgs) -> i32 {
             );
         }
     };
-    let state = Arc::new(AppState::new(
+    let state = Arc::new(AppState::new(StateParts {
         slot,
-        engine.clone(),
+        engine: engine.clone(),
         record,
         scoreboard,
-        settings.clone(),
-        Box::new(wake_master.clone()),
+        settings: settings.clone(),
+        on_budget_spent: Box::new(wake_master.clone()),
         access_log,
-    ));
+        sandbox,
+    }));
     let connections = Arc::new(Connections::default());
     let cap = Arc::new(Semaphore::new(settings.worker_connections.max(1)));
     let (stop_tx, stop_rx) = watch::channel(false);

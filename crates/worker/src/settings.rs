@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ferrocorn_query_core::EngineSettings;
@@ -9,6 +10,7 @@ use ferrocorn_query_core::EngineSettings;
 use crate::access_log::AccessLogTarget;
 use crate::query::QuerySettings;
 use crate::result_cache::ResultCacheSettings;
+use crate::sandbox::SandboxMode;
 use crate::scoreboard::{Scoreboard, WorkerRecord};
 
 /// The worker's HTTP settings, resolved by the supervisor from the configuration.
@@ -38,6 +40,11 @@ pub struct WorkerSettings {
     pub accesslog: Option<AccessLogTarget>,
     /// The pool's result cache (`result_cache`); `None` when it is off.
     pub result_cache: Option<ResultCacheSettings>,
+    /// Whether the kernel's sandbox is required (`sandbox`).
+    pub sandbox: SandboxMode,
+    /// The log files this worker writes or reopens (the error log and the access log): their
+    /// directories stay writable inside the sandbox.
+    pub log_files: Vec<PathBuf>,
 }
 
 /// A listening socket inherited from the master.

@@ -1,7 +1,6 @@
 //! What the benchmarks share: running a query as a request would, through [`Engine::run`] into
 //! an encoder, and medians.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferrocorn_query_core::arrow::datatypes::SchemaRef;
@@ -18,7 +17,7 @@ struct Encode {
 }
 
 impl ResultSink for Encode {
-    fn started(&mut self, _: Arc<InterruptHandle>) {}
+    fn started(&mut self, _: InterruptHandle) {}
     fn schema(&mut self, schema: SchemaRef) -> Flow {
         match Encoder::new(self.format, schema) {
             Ok((encoder, head)) => {
@@ -54,6 +53,7 @@ pub fn run(engine: &Engine, sql: &str, params: &Params, format: Format) -> Durat
                 sql,
                 params,
                 max_rows: u64::MAX,
+                explain: None,
             },
             &mut sink,
         )
