@@ -165,6 +165,10 @@ fn bad_files_in_the_data_directory_do_not_take_the_pool_down() {
     .expect("write");
     std::fs::copy(data.join("orders.parquet"), data.join(".hidden.parquet")).expect("copy");
     std::fs::write(data.join("notes.txt"), "not a dataset").expect("write");
+    // A link to a file outside the data directory: DuckDB would follow it, the kernel does not.
+    let outside = setup.path("outside.parquet");
+    std::fs::copy(data.join("orders.parquet"), &outside).expect("copy");
+    std::os::unix::fs::symlink(&outside, data.join("leak.parquet")).expect("symlink");
     nix::unistd::mkfifo(
         &data.join("fifo.parquet"),
         nix::sys::stat::Mode::from_bits_truncate(0o600),
@@ -177,10 +181,10 @@ fn bad_files_in_the_data_directory_do_not_take_the_pool_down() {
     let names: Vec<&str> = datasets.iter().filter_map(|d| d["name"].as_str()).collect();
     assert_eq!(
         names,
-        ["broken", "customers", "events", "fifo", "orders"],
+        ["broken", "customers", "events", "fifo", "leak", "orders"],
         "{catalogue}"
     );
-    for bad in ["broken", "fifo"] {
+    for bad in ["broken", "fifo", "leak"] {
         let entry = datasets.iter().find(|d| d["name"] == bad).expect("listed");
         assert_eq!(entry["available"], false, "{entry}");
         assert!(

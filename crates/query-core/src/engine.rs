@@ -1,19 +1,24 @@
 //! Opening a worker's DuckDB instance and serving the datasets from it.
 //!
-//! [`Engine::open`] builds an in-memory database and then locks it down, in the order DuckDB
-//! requires (settings that are frozen later must be set first):
+//! An [`Instance`] is opened first, with one thread, so that a worker can restrict itself with
+//! the kernel's sandbox while it is still single-threaded; [`Engine::start`] then configures and
+//! locks it down, in the order DuckDB requires (settings that are frozen later must be set
+//! first). [`Engine::open`] does both, for callers without a sandbox of their own.
 //!
-//! 1. at open: `threads`, `memory_limit`, extension autoload/autoinstall off;
-//! 2. `temp_directory` (the worker's own spill directory), `max_temp_directory_size` and
-//!    `parquet_metadata_cache`;
+//! 1. at open: one query thread and no I/O threads, `memory_limit`, a fixed HTTP client pool
+//!    (nothing DuckDB does afterwards reads the system's limits), extension autoload and
+//!    autoinstall off;
+//! 2. `threads` and `async_threads` (DuckDB's threads start now), `temp_directory` (the worker's
+//!    own spill directory), `max_temp_directory_size` and `parquet_metadata_cache`;
 //! 3. datasets registered (this reads Parquet footers and attaches snapshots, so it precedes the
-//!    lock-down);
+//!    lock-down); a dataset that cannot be registered is reported as unavailable;
 //! 4. `allowed_directories` = the data, temp and snapshot directories;
 //! 5. `enable_external_access = false` (only the allowed directories stay readable);
 //! 6. `lock_configuration = true` (no statement can undo 1–5).
 //!
-//! Then it proves the sandbox: reading a file outside the data directory must fail, or the
-//! engine refuses to open. A worker never reports ready with an open sandbox.
+//! Then it proves the sandbox: DuckDB itself must refuse to read a probe file outside the allowed
+//! directories, or the engine refuses to start. A worker never reports ready with an open
+//! sandbox.
 //!
 //! # Datasets and snapshots
 //!
@@ -26,11 +31,13 @@
 //! then the view moves to it at the next refresh, and the old file is detached once no query
 //! that started before the move is still running.
 //!
-//! # Connections
+//! # Queries
 //!
-//! Queries run on pooled connections to the instance, each with its own cache of prepared
-//! statements keyed by statement text, so a repeated statement is parsed, bound and planned once
-//! per connection (DuckDB re-binds it by itself when a view it reads changes).
+//! [`Engine::run`] passes a statement through the gate ([`crate::gate`]) and runs the one
+//! statement DuckDB extracted from it on a pooled raw connection (`crate::pool`), whose cache
+//! of prepared statements makes a repeated statement parsed, bound and planned once per
+//! connection (DuckDB re-binds it by itself when a view it reads changes). The engine's own
+//! catalogue statements run on a duckdb-rs connection.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};

@@ -456,17 +456,7 @@ impl Walk<'_> {
         }
         match kind {
             "BASE_TABLE" => {
-                let relation = Relation {
-                    catalog: text(table, "catalog_name").to_owned(),
-                    schema: text(table, "schema_name").to_owned(),
-                    name: text(table, "table_name").to_owned(),
-                };
-                if !(relation.catalog.is_empty()
-                    && relation.schema.is_empty()
-                    && scope.contains(&relation.name))
-                {
-                    self.read(relation);
-                }
+                self.named_table(table, scope);
                 self.children(table, &[], scope)
             }
             "TABLE_FUNCTION" => {
@@ -504,17 +494,7 @@ impl Walk<'_> {
                 if table["query"].is_object() {
                     self.children(table, &[], scope)
                 } else {
-                    let relation = Relation {
-                        catalog: text(table, "catalog_name").to_owned(),
-                        schema: text(table, "schema_name").to_owned(),
-                        name: text(table, "table_name").to_owned(),
-                    };
-                    if !(relation.catalog.is_empty()
-                        && relation.schema.is_empty()
-                        && scope.contains(&relation.name))
-                    {
-                        self.read(relation);
-                    }
+                    self.named_table(table, scope);
                     Ok(())
                 }
             }
@@ -522,8 +502,18 @@ impl Walk<'_> {
         }
     }
 
-    fn read(&mut self, relation: Relation) {
-        if !self.analysis.relations.contains(&relation) {
+    /// A table the tree names (a `BASE_TABLE`, or what a `DESCRIBE` describes): a relation the
+    /// statement reads, unless it is a CTE in scope.
+    fn named_table(&mut self, table: &Value, scope: &Scope) {
+        let relation = Relation {
+            catalog: text(table, "catalog_name").to_owned(),
+            schema: text(table, "schema_name").to_owned(),
+            name: text(table, "table_name").to_owned(),
+        };
+        let cte = relation.catalog.is_empty()
+            && relation.schema.is_empty()
+            && scope.contains(&relation.name);
+        if !cte && !self.analysis.relations.contains(&relation) {
             self.analysis.relations.push(relation);
         }
     }
