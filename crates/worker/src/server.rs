@@ -91,13 +91,19 @@ pub fn run(mut args: WorkerArgs) -> i32 {
         Ok(status) => status,
         Err(e) => return early_failure(args, error_chain(&e)),
     };
-    if let crate::sandbox::SandboxStatus::DuckDbOnly { reason } = &sandbox {
-        tracing::warn!(
+    match &sandbox {
+        crate::sandbox::SandboxStatus::DuckDbOnly { reason } => tracing::warn!(
             slot = args.slot,
             pid = std::process::id(),
             reason,
             "no kernel sandbox: only DuckDB's settings confine queries"
-        );
+        ),
+        kernel => tracing::info!(
+            slot = args.slot,
+            pid = std::process::id(),
+            sandbox = %kernel.describe(),
+            "worker sandboxed"
+        ),
     }
     args.engine.sandbox_probe = Some(paths.probe);
     #[cfg(feature = "test-hooks")]
