@@ -494,24 +494,20 @@ async fn run_query(
 
     // The dataset versions in the cache key (and the views the query reads) must be current.
     crate::http::refresh_catalog(&state.engine).await;
-    // The gate first: a refused statement takes no query slot and costs DuckDB one parse.
-    let analysis = match state.engine.cached_analysis(&body.sql) {
-        Some(known) => known,
+    // A request shape whose result key this worker remembers for the current catalogue passed
+    // the gate with it; any other statement passes the gate first, so that a refused one takes
+    // no query slot and costs DuckDB one parse.
+    let shape = explain
+        .is_none()
+        .then(|| RequestShape::of(&state, &body, format, max_rows));
+    let key = match shape.as_ref().and_then(|s| s.remembered(&state)) {
+        Some(known) => Some(known),
         None => {
-            let engine = state.engine.clone();
-            let sql = body.sql.clone();
-            tokio::task::spawn_blocking(move || engine.analyze(&sql))
-                .await
-                .map_err(|_| ApiError::Internal)??
+            let analysis = gate(&state, &body.sql).await?;
+            shape.and_then(|s| s.key(&state, &analysis))
         }
     };
-    analysis
-        .check(&state.engine.catalog())
-        .map_err(|e| ApiError::Query(e.into()))?;
-    let cache = match explain {
-        None => Caching::plan(&state, headers, &body, &analysis, format, max_rows),
-        Some(_) => None,
-    };
+    let cache = key.map(|(key, etag)| Caching::new(&state, headers, key, etag));
     if let Some(cache) = &cache {
         if cache.matches(headers.get(header::IF_NONE_MATCH)) {
             PoolCounters::add(&state.pool().not_modified, 1);
@@ -743,17 +739,27 @@ struct Caching {
     write: bool,
 }
 
+/// The gate's verdict on `sql` ([`ferrocorn_query_core::gate`]) against the current catalogue:
+/// remembered by the engine, or DuckDB parses it on the blocking pool.
+async fn gate(state: &AppState, sql: &str) -> Result<Arc<Analysis>, ApiError> {
+    let analysis = match state.engine.cached_analysis(sql) {
+        Some(known) => known,
+        None => {
+            let engine = state.engine.clone();
+            let sql = sql.to_owned();
+            tokio::task::spawn_blocking(move || engine.analyze(&sql))
+                .await
+                .map_err(|_| ApiError::Internal)??
+        }
+    };
+    analysis
+        .check(&state.engine.catalog())
+        .map_err(|e| ApiError::Query(e.into()))?;
+    Ok(analysis)
+}
+
 impl Caching {
-    /// `None` when the statement's result may not be reused (see [`result_key`]).
-    fn plan(
-        state: &AppState,
-        headers: &HeaderMap,
-        body: &QueryBody,
-        analysis: &Analysis,
-        format: Format,
-        max_rows: u64,
-    ) -> Option<Self> {
-        let (key, etag) = result_key(state, body, analysis, format, max_rows)?;
+    fn new(state: &AppState, headers: &HeaderMap, key: CacheKey, etag: HeaderValue) -> Self {
         let (mut no_store, mut no_cache) = (false, false);
         for directive in headers
             .get_all(header::CACHE_CONTROL)
@@ -768,12 +774,12 @@ impl Caching {
                 || directive.eq_ignore_ascii_case("max-age=0");
         }
         let enabled = state.result_cache.is_some();
-        Some(Self {
+        Self {
             key,
             etag,
             read: enabled && !no_store && !no_cache,
             write: enabled && !no_store,
-        })
+        }
     }
 
     /// Whether `If-None-Match` names this result.
@@ -813,72 +819,90 @@ pub struct KeyMemo {
     etag: HeaderValue,
 }
 
-/// The result key of a request and its `ETag`, or `None` when its result may not be reused:
-/// the gate found it not deterministic, or it reads no dataset (only datasets have versions to
-/// key a result by). The key is the statement's exact text (two texts share an entry only if they
-/// are the same statement to DuckDB, whatever DuckDB would make of their differences), the
-/// parameters, the format, the row limit, DuckDB's version and the served version of every
-/// dataset the statement reads.
-fn result_key(
-    state: &AppState,
-    body: &QueryBody,
-    analysis: &Analysis,
+/// What a request's result depends on besides its datasets: statement, parameters, format, row
+/// limit, and the catalogue it is answered against.
+struct RequestShape<'b> {
+    body: &'b QueryBody,
+    params: Vec<u8>,
     format: Format,
     max_rows: u64,
-) -> Option<(CacheKey, HeaderValue)> {
-    use std::hash::{Hash, Hasher};
-    let catalog = state.engine.catalog();
-    let params = body
-        .params
-        .as_ref()
-        .map(|p| serde_json::to_vec(p).unwrap_or_default())
-        .unwrap_or_default();
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    (&body.sql, &params, format.name(), max_rows).hash(&mut hasher);
-    let fingerprint = hasher.finish();
-    if let Some(memo) = state.key_memo().get(&fingerprint)
-        && Arc::ptr_eq(&memo.catalog, &catalog)
-        && memo.sql == body.sql
-        && memo.params == params
-        && memo.format == format
-        && memo.max_rows == max_rows
-    {
-        return Some((memo.key.clone(), memo.etag.clone()));
+    catalog: Arc<Vec<ferrocorn_query_core::DatasetInfo>>,
+    fingerprint: u64,
+}
+
+impl<'b> RequestShape<'b> {
+    fn of(state: &AppState, body: &'b QueryBody, format: Format, max_rows: u64) -> Self {
+        use std::hash::{Hash, Hasher};
+        let params = body
+            .params
+            .as_ref()
+            .map(|p| serde_json::to_vec(p).unwrap_or_default())
+            .unwrap_or_default();
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (&body.sql, &params, format.name(), max_rows).hash(&mut hasher);
+        Self {
+            body,
+            params,
+            format,
+            max_rows,
+            catalog: state.engine.catalog(),
+            fingerprint: hasher.finish(),
+        }
     }
 
-    let datasets = analysis.datasets(&catalog);
-    if !analysis.is_deterministic() || datasets.is_empty() {
-        return None;
+    /// The key and `ETag` this worker computed for the same shape and catalogue.
+    fn remembered(&self, state: &AppState) -> Option<(CacheKey, HeaderValue)> {
+        let mut memo = state.key_memo();
+        let memo = memo.get(&self.fingerprint)?;
+        (Arc::ptr_eq(&memo.catalog, &self.catalog)
+            && memo.sql == self.body.sql
+            && memo.params == self.params
+            && memo.format == self.format
+            && memo.max_rows == self.max_rows)
+            .then(|| (memo.key.clone(), memo.etag.clone()))
     }
-    let max_rows_bytes = max_rows.to_le_bytes();
-    let mut parts: Vec<&[u8]> = vec![
-        state.engine.duckdb_version().as_bytes(),
-        body.sql.as_bytes(),
-        &params,
-        format.name().as_bytes(),
-        &max_rows_bytes,
-    ];
-    for info in datasets {
-        parts.push(info.dataset.name.as_bytes());
-        parts.push(info.dataset.version.as_bytes());
+
+    /// The result key and its `ETag`, or `None` when the result may not be reused: the gate
+    /// found the statement not deterministic, or it reads no dataset (only datasets have
+    /// versions to key a result by). The key is the statement's exact text (two texts share an
+    /// entry only if they are the same text, whatever DuckDB would make of their differences),
+    /// the parameters, the format, the row limit, DuckDB's version and the served version of every
+    /// dataset the statement reads.
+    fn key(self, state: &AppState, analysis: &Analysis) -> Option<(CacheKey, HeaderValue)> {
+        let datasets = analysis.datasets(&self.catalog);
+        if !analysis.is_deterministic() || datasets.is_empty() {
+            return None;
+        }
+        let max_rows_bytes = self.max_rows.to_le_bytes();
+        let mut parts: Vec<&[u8]> = vec![
+            state.engine.duckdb_version().as_bytes(),
+            self.body.sql.as_bytes(),
+            &self.params,
+            self.format.name().as_bytes(),
+            &max_rows_bytes,
+        ];
+        for info in &datasets {
+            parts.push(info.dataset.name.as_bytes());
+            parts.push(info.dataset.version.as_bytes());
+        }
+        let key = CacheKey::new(parts);
+        let etag = HeaderValue::from_str(&format!("\"{}\"", key.as_str())).ok()?;
+        if self.body.sql.len() <= crate::http::MAX_REMEMBERED_STATEMENT {
+            state.key_memo().insert(
+                self.fingerprint,
+                KeyMemo {
+                    sql: self.body.sql.clone(),
+                    params: self.params,
+                    format: self.format,
+                    max_rows: self.max_rows,
+                    catalog: self.catalog.clone(),
+                    key: key.clone(),
+                    etag: etag.clone(),
+                },
+            );
+        }
+        Some((key, etag))
     }
-    let key = CacheKey::new(parts);
-    let etag = HeaderValue::from_str(&format!("\"{}\"", key.as_str())).ok()?;
-    if body.sql.len() <= crate::http::MAX_REMEMBERED_STATEMENT {
-        state.key_memo().insert(
-            fingerprint,
-            KeyMemo {
-                sql: body.sql.clone(),
-                params,
-                format,
-                max_rows,
-                catalog: catalog.clone(),
-                key: key.clone(),
-                etag: etag.clone(),
-            },
-        );
-    }
-    Some((key, etag))
 }
 
 fn insert_result_headers(
