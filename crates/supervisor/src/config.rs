@@ -24,9 +24,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use ferrocorn_query_core::{DatasetOptions, StorageMode};
+use ferrocorn_scoreboard::MAX_WORKERS;
 use ferrocorn_worker::access_log::AccessLogTarget;
 use ferrocorn_worker::sandbox::SandboxMode;
-use ferrocorn_worker::scoreboard::MAX_WORKERS;
 
 /// A configuration error; the message always names the key or the file.
 #[derive(Debug, thiserror::Error)]

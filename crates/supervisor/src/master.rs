@@ -25,12 +25,10 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use ferrocorn_query_core::{EngineSettings, StorageSettings};
+use ferrocorn_scoreboard::{MAX_RECORDS, MAX_WORKERS, RecordState, Scoreboard, monotonic_ms};
 use ferrocorn_worker::access_log::AccessLogTarget;
 use ferrocorn_worker::query::QuerySettings;
 use ferrocorn_worker::result_cache::ResultCacheSettings;
-use ferrocorn_worker::scoreboard::{
-    MAX_RECORDS, MAX_WORKERS, RecordState, Scoreboard, monotonic_ms,
-};
 use ferrocorn_worker::{EXIT_BOOT_FAILED, WorkerArgs, WorkerSettings};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -182,7 +180,7 @@ impl Master {
             nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)
                 .map_err(|e| StartError::Os("creating the wake-up pipe", e.into()))?;
         let scoreboard =
-            sys::map_scoreboard().map_err(|e| StartError::Os("mapping the scoreboard", e))?;
+            Scoreboard::map().map_err(|e| StartError::Os("mapping the scoreboard", e))?;
         let listeners = Listeners::bind(&config, config.workers).map_err(StartError::Bind)?;
         for address in listeners.addresses() {
             tracing::info!(%address, "listening");
@@ -504,7 +502,7 @@ impl Master {
         self.begin_stop(true);
     }
 
-    fn record(&self, index: usize) -> &'static ferrocorn_worker::scoreboard::WorkerRecord {
+    fn record(&self, index: usize) -> &'static ferrocorn_scoreboard::WorkerRecord {
         let scoreboard = self.scoreboard;
         // Indices come from `free_record`, which only hands out valid ones.
         &scoreboard.records()[index]

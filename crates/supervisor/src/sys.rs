@@ -1,6 +1,5 @@
 //! Every `unsafe` operation of ferrocorn, in one place.
 //!
-//! - [`map_scoreboard`]: the anonymous shared mapping behind the scoreboard;
 //! - [`fork`]: forking a worker (sound only because the master is single-threaded, see the
 //!   crate docs);
 //! - [`steer_reuseport`]: the classic BPF program that limits which of a port's `SO_REUSEPORT`
@@ -8,34 +7,9 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::num::NonZeroUsize;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use ferrocorn_worker::scoreboard::Scoreboard;
-use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous};
 use nix::unistd::ForkResult;
-
-/// Map the scoreboard: zeroed, shared with every process forked afterwards, never unmapped.
-pub fn map_scoreboard() -> io::Result<&'static Scoreboard> {
-    let len = NonZeroUsize::new(std::mem::size_of::<Scoreboard>())
-        .ok_or_else(|| io::Error::other("empty scoreboard"))?;
-    // SAFETY: an anonymous mapping at an address of the kernel's choosing cannot alias any
-    // existing Rust object.
-    let ptr = unsafe {
-        mmap_anonymous(
-            None,
-            len,
-            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-            MapFlags::MAP_SHARED,
-        )
-    }
-    .map_err(io::Error::from)?;
-    // SAFETY: the mapping is page-aligned (more than `Scoreboard`'s alignment), `len` bytes long,
-    // zero-filled by the kernel, and `Scoreboard` is `repr(C)` made only of atomics, for which
-    // all-zero bytes are a valid value. It is never unmapped, so `'static` holds; it is only
-    // accessed through atomics, so sharing it with other processes is sound.
-    Ok(unsafe { &*ptr.as_ptr().cast::<Scoreboard>() })
-}
 
 /// Fork the process.
 pub fn fork() -> io::Result<ForkResult> {

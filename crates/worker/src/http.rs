@@ -21,8 +21,8 @@ use crate::openapi::{ApiDoc, ColumnDoc, DatasetDoc, DatasetList, Health, Ready};
 use crate::problem::{ApiError, Problem};
 use crate::query::{Admission, QuerySettings};
 use crate::result_cache::ResultCache;
-use crate::scoreboard::{PoolCounters, Scoreboard, WorkerRecord};
 use crate::settings::WorkerSettings;
+use ferrocorn_scoreboard::{PoolCounters, Scoreboard, WorkerRecord};
 
 tokio::task_local! {
     static REQUEST_ID: String;

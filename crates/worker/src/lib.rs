@@ -5,8 +5,6 @@
 //!
 //! # Layout
 //!
-//! - [`scoreboard`]: the shared-memory records through which a worker reports its state,
-//!   heartbeat and request count to the master.
 //! - [`settings`]: what the supervisor passes down ([`WorkerSettings`], [`WorkerArgs`]).
 //! - [`sandbox`]: the worker's Landlock rules, applied right after the fork, and their proof.
 //! - [`server`]: the lifecycle (booting → ready → draining → exited), the accept loop with its
@@ -37,7 +35,6 @@ pub mod problem;
 pub mod query;
 pub mod result_cache;
 pub mod sandbox;
-pub mod scoreboard;
 pub mod server;
 pub mod settings;
 

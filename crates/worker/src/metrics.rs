@@ -15,7 +15,7 @@ use ferrocorn_query_core::Storage;
 use http::header;
 
 use crate::http::AppState;
-use crate::scoreboard::{PoolCounters, RecordState};
+use ferrocorn_scoreboard::{PoolCounters, RecordState};
 
 /// Prometheus text exposition format.
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";

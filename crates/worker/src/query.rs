@@ -43,7 +43,7 @@ use crate::http::AppState;
 use crate::openapi::{QueryErrors, QueryResult};
 use crate::problem::{ApiError, Problem};
 use crate::result_cache::{CacheKey, Entry};
-use crate::scoreboard::PoolCounters;
+use ferrocorn_scoreboard::PoolCounters;
 
 /// The worker's query limits, resolved by the supervisor.
 #[derive(Clone, Debug)]

@@ -28,7 +28,7 @@ use bytes::Bytes;
 use hashlink::LruCache;
 use sha2::{Digest, Sha256};
 
-use crate::scoreboard::PoolCounters;
+use ferrocorn_scoreboard::PoolCounters;
 
 /// What the cache is given.
 #[derive(Clone, Debug)]

@@ -28,9 +28,9 @@ use tower::ServiceExt;
 
 use crate::access_log::AccessLog;
 use crate::http::{AppState, PeerAddr, StateParts, router};
-use crate::scoreboard::{RecordState, WorkerRecord, monotonic_ms};
 use crate::settings::{Listener, WorkerArgs, WorkerSettings};
 use ferrocorn_query_core::error::chain as error_chain;
+use ferrocorn_scoreboard::{RecordState, WorkerRecord, monotonic_ms};
 
 /// Exit code of a worker that could not boot (Gunicorn's `WORKER_BOOT_ERROR`).
 pub const EXIT_BOOT_FAILED: i32 = 3;

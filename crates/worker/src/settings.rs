@@ -11,7 +11,7 @@ use crate::access_log::AccessLogTarget;
 use crate::query::QuerySettings;
 use crate::result_cache::ResultCacheSettings;
 use crate::sandbox::SandboxMode;
-use crate::scoreboard::{Scoreboard, WorkerRecord};
+use ferrocorn_scoreboard::{Scoreboard, WorkerRecord};
 
 /// The worker's HTTP settings, resolved by the supervisor from the configuration.
 #[derive(Clone, Debug)]

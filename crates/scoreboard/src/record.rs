@@ -1,24 +1,9 @@
-//! The scoreboard: the per-worker records the master and its workers share.
-//!
-//! The master maps one anonymous shared region before it forks anything; every worker inherits it.
-//! The region holds a fixed array of [`WorkerRecord`]s made only of atomics, so both sides can read
-//! and write it without locks and without `unsafe` outside the supervisor's `sys` module (which
-//! creates the mapping). A record belongs to one worker process from its fork to its reaping; the
-//! master hands out free records and clears them.
-//!
-//! What flows through it:
-//! - worker → master: lifecycle state ([`RecordState`]), heartbeat, request count, the request
-//!   being served, a retirement request when the request budget is spent, a boot error message;
-//! - master → worker: nothing but the record's reset at fork time (commands travel as signals).
+//! A worker's record: its lifecycle state, heartbeat, counts, the request it serves, its boot
+//! error.
 
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
-/// How many worker records the region holds: two per slot (a worker and its successor) for the
-/// largest pool the configuration accepts.
-pub const MAX_RECORDS: usize = 2 * MAX_WORKERS;
-
-/// The largest pool size the configuration accepts.
-pub const MAX_WORKERS: usize = 128;
+use crate::shared::shared_struct;
 
 /// The lifecycle state a worker publishes in its record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,13 +33,14 @@ impl RecordState {
     }
 }
 
-/// Fixed-size text written and read through atomics; a torn read is possible and harmless because
-/// the text is only diagnostic (the request a hung worker was serving, a boot error).
-#[derive(Debug)]
-#[repr(C)]
-pub struct AtomicText<const WORDS: usize> {
-    len: AtomicU32,
-    words: [AtomicU64; WORDS],
+shared_struct! {
+    /// Fixed-size text written and read through atomics; a torn read is possible and harmless
+    /// because the text is only diagnostic (the request a hung worker was serving, a boot error).
+    #[derive(Debug)]
+    pub struct AtomicText<const WORDS: usize> {
+        len: AtomicU32,
+        words: [AtomicU64; WORDS],
+    }
 }
 
 impl<const WORDS: usize> AtomicText<WORDS> {
@@ -94,18 +80,19 @@ impl<const WORDS: usize> AtomicText<WORDS> {
     }
 }
 
-/// One worker's shared record.
-#[derive(Debug)]
-#[repr(C)]
-pub struct WorkerRecord {
-    pid: AtomicI32,
-    state: AtomicU32,
-    retire_requested: AtomicU32,
-    in_flight: AtomicU32,
-    heartbeat_ms: AtomicU64,
-    requests: AtomicU64,
-    current_request: AtomicText<16>,
-    message: AtomicText<32>,
+shared_struct! {
+    /// One worker's shared record.
+    #[derive(Debug)]
+    pub struct WorkerRecord {
+        pid: AtomicI32,
+        state: AtomicU32,
+        retire_requested: AtomicU32,
+        in_flight: AtomicU32,
+        heartbeat_ms: AtomicU64,
+        requests: AtomicU64,
+        current_request: AtomicText<16>,
+        message: AtomicText<32>,
+    }
 }
 
 impl WorkerRecord {
@@ -192,58 +179,6 @@ impl WorkerRecord {
 
     pub fn message(&self) -> String {
         self.message.load()
-    }
-}
-
-/// Counters for the whole pool, behind `/metrics`: every worker adds to them, any worker reports
-/// them, and they outlive the workers that counted (a recycled worker's counts stay).
-#[derive(Debug, Default)]
-#[repr(C)]
-pub struct PoolCounters {
-    pub requests: AtomicU64,
-    pub queries: AtomicU64,
-    pub overloaded: AtomicU64,
-    pub not_modified: AtomicU64,
-    pub cache_hits: AtomicU64,
-    pub cache_misses: AtomicU64,
-    pub cache_stores: AtomicU64,
-    pub cache_evictions: AtomicU64,
-    /// Bytes the result cache holds on disk, as last counted (never below the truth: a store
-    /// adds its size before its file appears).
-    pub cache_bytes: AtomicU64,
-    /// Whether `cache_bytes` has been counted from the directory since the master started.
-    pub cache_bytes_known: AtomicU32,
-}
-
-impl PoolCounters {
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
-    }
-}
-
-/// The whole shared region.
-#[derive(Debug)]
-#[repr(C)]
-pub struct Scoreboard {
-    records: [WorkerRecord; MAX_RECORDS],
-    pool: PoolCounters,
-}
-
-impl Scoreboard {
-    pub fn pool(&self) -> &PoolCounters {
-        &self.pool
-    }
-
-    pub fn record(&self, index: usize) -> Option<&WorkerRecord> {
-        self.records.get(index)
-    }
-
-    pub fn records(&self) -> &[WorkerRecord] {
-        &self.records
     }
 }
 

@@ -1,0 +1,31 @@
+//! ferrocorn's scoreboard: the memory the master and its workers share.
+//!
+//! The master maps one anonymous shared region ([`Scoreboard::map`]) before it forks anything;
+//! every worker inherits it. The region is made only of atomics — a fixed array of
+//! [`WorkerRecord`]s and the pool's [`PoolCounters`] — so both sides read and write it without
+//! locks, and the one `unsafe` operation, the mapping, relies on a property the compiler checks
+//! ([`Shared`]). A record belongs to one worker process from its fork to its reaping; the master
+//! hands out free records and clears them.
+//!
+//! What flows through it:
+//! - worker → master: lifecycle state ([`RecordState`]), heartbeat, request count, the request
+//!   being served, a retirement request when the request budget is spent, a boot error message;
+//! - master → worker: nothing but the record's reset at fork time (commands travel as signals);
+//! - worker → every worker: the pool's counters behind `/metrics`.
+//!
+//! # Layout
+//!
+//! - `shared`: the [`Shared`] property and the macro that declares shared structs.
+//! - `record`: [`WorkerRecord`] and the monotonic clock its heartbeats use.
+//! - `counters`: [`PoolCounters`].
+//! - `region`: [`Scoreboard`], the whole region, and its mapping.
+
+mod counters;
+mod record;
+mod region;
+mod shared;
+
+pub use counters::PoolCounters;
+pub use record::{AtomicText, RecordState, WorkerRecord, monotonic_ms};
+pub use region::{MAX_RECORDS, MAX_WORKERS, Scoreboard};
+pub use shared::Shared;

@@ -1,0 +1,69 @@
+//! The whole region and the one mapping that creates it.
+
+use std::io;
+use std::num::NonZeroUsize;
+
+use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous};
+
+use crate::counters::PoolCounters;
+use crate::record::WorkerRecord;
+use crate::shared::{Shared, shared_struct};
+
+/// How many worker records the region holds: two per slot (a worker and its successor) for the
+/// largest pool the configuration accepts.
+pub const MAX_RECORDS: usize = 2 * MAX_WORKERS;
+
+/// The largest pool size the configuration accepts.
+pub const MAX_WORKERS: usize = 128;
+
+shared_struct! {
+    /// The whole shared region.
+    #[derive(Debug)]
+    pub struct Scoreboard {
+        records: [WorkerRecord; MAX_RECORDS],
+        pool: PoolCounters,
+    }
+}
+
+impl Scoreboard {
+    /// Map the region: zeroed, shared with every process forked afterwards, never unmapped. The
+    /// master calls it once, before its first fork.
+    pub fn map() -> io::Result<&'static Self> {
+        map_zeroed::<Self>()
+    }
+
+    pub fn pool(&self) -> &PoolCounters {
+        &self.pool
+    }
+
+    pub fn record(&self, index: usize) -> Option<&WorkerRecord> {
+        self.records.get(index)
+    }
+
+    pub fn records(&self) -> &[WorkerRecord] {
+        &self.records
+    }
+}
+
+/// An anonymous shared mapping of one zeroed `T`, never unmapped.
+#[allow(unsafe_code)]
+fn map_zeroed<T: Shared>() -> io::Result<&'static T> {
+    let len = NonZeroUsize::new(std::mem::size_of::<T>())
+        .ok_or_else(|| io::Error::other("empty shared region"))?;
+    // SAFETY: an anonymous mapping at an address of the kernel's choosing cannot alias any
+    // existing Rust object.
+    let ptr = unsafe {
+        mmap_anonymous(
+            None,
+            len,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+        )
+    }
+    .map_err(io::Error::from)?;
+    // SAFETY: the mapping is page-aligned (more than `T`'s alignment), `size_of::<T>()` bytes
+    // long and zero-filled by the kernel, and `T: Shared` — `repr(C)` and made only of atomics,
+    // checked by the compiler (see `crate::shared`) — so all-zero bytes are a valid `T` and
+    // processes may access it concurrently. It is never unmapped, so `'static` holds.
+    Ok(unsafe { &*ptr.as_ptr().cast::<T>() })
+}
