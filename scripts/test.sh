@@ -8,6 +8,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ferrocorn-target}"
 if [ ! -f data/tpch-sf0.01/lineitem.parquet ]; then
   scripts/gen_tpch.sh 0.01 data/tpch-sf0.01 >/dev/null
 fi
+# The layout rules of ../shared/ARCHITECTURE.md: crate dependencies, module trees.
+scripts/check_layout.py
 # test-hooks: a switch test builds have (and release builds do not) that lets one end-to-end test
 # turn DuckDB's own sandbox off, to show what the kernel's sandbox stops alone.
 exec cargo nextest run --workspace --features ferrocorn/test-hooks --no-fail-fast --test-threads 2 "$@"

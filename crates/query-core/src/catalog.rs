@@ -65,9 +65,48 @@ impl Dataset {
     }
 }
 
+/// A column of a dataset.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Column {
+    pub name: String,
+    /// DuckDB's type name, e.g. `DECIMAL(12,2)`.
+    #[serde(rename = "type")]
+    pub sql_type: String,
+}
+
+/// What a dataset is served from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Storage {
+    /// A view over the Parquet files.
+    Parquet,
+    /// A snapshot file attached read-only.
+    Snapshot { file: PathBuf, bytes: u64 },
+}
+
+/// A registered dataset with what DuckDB knows of it.
+#[derive(Clone, Debug)]
+pub struct DatasetInfo {
+    /// The dataset as served: its version is the one queries see.
+    pub dataset: Dataset,
+    pub columns: Vec<Column>,
+    /// Rows according to the Parquet footers (or the snapshot).
+    pub row_estimate: Option<u64>,
+    pub storage: Storage,
+    /// The version of the files whose snapshot is being built, when it is not the one served.
+    pub pending: Option<String>,
+    /// Why the dataset cannot be queried (its files are not valid Parquet, say); `None` when
+    /// it can. Queries naming an unavailable dataset are refused; the others serve on.
+    pub error: Option<String>,
+}
+
 /// A single-quoted SQL string literal.
 pub fn sql_string(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
+}
+
+/// A path as a single-quoted SQL string literal.
+pub fn sql_path(path: &Path) -> String {
+    sql_string(&path.display().to_string())
 }
 
 /// Whether `name` can be a dataset (and view) name: an ASCII identifier.

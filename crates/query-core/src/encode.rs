@@ -90,11 +90,20 @@ impl Format {
             Self::Parquet => &["application/vnd.apache.parquet", "application/x-parquet"],
         }
     }
+}
 
-    /// Whether the format can report truncation at the end of the body.
-    pub fn reports_truncation_in_body(self) -> bool {
-        matches!(self, Self::Json | Self::Parquet)
-    }
+/// Why a result could not be encoded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EncodeError {
+    #[error("cannot encode the result as Arrow data")]
+    Arrow(#[from] ArrowError),
+    #[error("cannot write the result as Parquet")]
+    Parquet(#[from] parquet::errors::ParquetError),
+    #[error("cannot write the result")]
+    Write(#[from] std::io::Error),
+    #[error("the result ended before its schema")]
+    NoSchema,
 }
 
 /// The end of a result.
@@ -154,7 +163,7 @@ fn options() -> FormatOptions<'static> {
 
 impl Encoder {
     /// Start encoding a result with `schema`; returns the encoder and the first bytes.
-    pub fn new(format: Format, schema: SchemaRef) -> Result<(Self, Vec<u8>), ArrowError> {
+    pub fn new(format: Format, schema: SchemaRef) -> Result<(Self, Vec<u8>), EncodeError> {
         let mut head = Vec::new();
         let state = match format {
             Format::Json => {
@@ -193,8 +202,7 @@ impl Encoder {
                 let props = parquet::file::properties::WriterProperties::builder()
                     .set_compression(parquet::basic::Compression::SNAPPY)
                     .build();
-                let writer = ArrowWriter::try_new(Vec::new(), schema.clone(), Some(props))
-                    .map_err(|e| ArrowError::ExternalError(Box::new(e)))?;
+                let writer = ArrowWriter::try_new(Vec::new(), schema.clone(), Some(props))?;
                 State::Parquet(writer)
             }
         };
@@ -209,12 +217,8 @@ impl Encoder {
         ))
     }
 
-    pub fn format(&self) -> Format {
-        self.format
-    }
-
     /// Encode one batch; returns the bytes ready to send (possibly none).
-    pub fn batch(&mut self, batch: &RecordBatch) -> Result<Vec<u8>, ArrowError> {
+    pub fn batch(&mut self, batch: &RecordBatch) -> Result<Vec<u8>, EncodeError> {
         let mut out = Vec::new();
         match &mut self.state {
             State::Text => {
@@ -277,14 +281,10 @@ impl Encoder {
                 self.rows += batch.num_rows() as u64;
             }
             State::Parquet(writer) => {
-                writer
-                    .write(batch)
-                    .map_err(|e| ArrowError::ExternalError(Box::new(e)))?;
+                writer.write(batch)?;
                 self.rows += batch.num_rows() as u64;
                 if writer.in_progress_size() >= 8 << 20 {
-                    writer
-                        .flush()
-                        .map_err(|e| ArrowError::ExternalError(Box::new(e)))?;
+                    writer.flush()?;
                 }
                 out = std::mem::take(writer.inner_mut());
             }
@@ -293,7 +293,7 @@ impl Encoder {
     }
 
     /// Finish the result; returns the last bytes.
-    pub fn finish(self, summary: Summary) -> Result<Vec<u8>, ArrowError> {
+    pub fn finish(self, summary: Summary) -> Result<Vec<u8>, EncodeError> {
         let mut out = Vec::new();
         match self.state {
             State::Text => {
@@ -315,9 +315,7 @@ impl Encoder {
                     "ferrocorn.truncated".to_owned(),
                     summary.truncated.to_string(),
                 ));
-                out = writer
-                    .into_inner()
-                    .map_err(|e| ArrowError::ExternalError(Box::new(e)))?;
+                out = writer.into_inner()?;
             }
         }
         Ok(out)

@@ -32,7 +32,7 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
-use crate::engine::DatasetInfo;
+use crate::catalog::DatasetInfo;
 
 /// Table functions a query may call: each computes rows from its arguments alone.
 pub const TABLE_FUNCTIONS: &[&str] = &[

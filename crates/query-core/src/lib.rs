@@ -36,6 +36,7 @@
 //! # Ok::<(), ferrocorn_query_core::Error>(())
 //! ```
 
+mod builder;
 mod capi;
 pub mod catalog;
 pub mod encode;
@@ -44,16 +45,23 @@ pub mod error;
 pub mod gate;
 mod pool;
 pub mod query;
+mod run;
+mod serving;
 pub mod snapshot;
+mod sync;
+#[cfg(test)]
+mod testing;
 
 pub use arrow;
 pub use catalog::Dataset;
-pub use encode::{Encoder, Format, Summary};
-pub use engine::{Column, DatasetInfo, Engine, EngineSettings, Instance, Storage};
+pub use catalog::{Column, DatasetInfo, Storage};
+pub use encode::{EncodeError, Encoder, Format, Summary};
+pub use engine::{Engine, EngineSettings, Instance};
 pub use error::Error;
 pub use gate::{Analysis, Refusal};
 pub use query::{
     Explain, Flow, InterruptHandle, Outcome, ParamError, ParamValue, Params, QueryError, QuerySpec,
     ResultSink,
 };
+pub use run::{ChunkSink, Encoded};
 pub use snapshot::{DatasetOptions, StorageMode, StorageSettings};

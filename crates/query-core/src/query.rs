@@ -370,6 +370,9 @@ pub enum QueryError {
     /// Any other error DuckDB raised while running the statement (conversion, invalid input…).
     #[error("{0}")]
     Execution(String),
+    /// The result could not be encoded.
+    #[error(transparent)]
+    Encode(#[from] crate::encode::EncodeError),
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use ferrocorn_query_core::StorageMode;
-use ferrocorn_worker::sandbox::SandboxMode;
+use ferrocorn_worker::SandboxMode;
 
 use crate::config::{ConfigError, Env, Origin, Origins, RawConfig};
 

@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use ferrocorn_query_core::{DatasetOptions, StorageMode};
 use ferrocorn_scoreboard::MAX_WORKERS;
-use ferrocorn_worker::access_log::AccessLogTarget;
-use ferrocorn_worker::sandbox::SandboxMode;
+use ferrocorn_worker::AccessLogTarget;
+use ferrocorn_worker::SandboxMode;
 
 /// A configuration error; the message always names the key or the file.
 #[derive(Debug, thiserror::Error)]

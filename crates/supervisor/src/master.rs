@@ -26,9 +26,9 @@ use std::time::{Duration, Instant};
 
 use ferrocorn_query_core::{EngineSettings, StorageSettings};
 use ferrocorn_scoreboard::{MAX_RECORDS, MAX_WORKERS, RecordState, Scoreboard, monotonic_ms};
-use ferrocorn_worker::access_log::AccessLogTarget;
-use ferrocorn_worker::query::QuerySettings;
-use ferrocorn_worker::result_cache::ResultCacheSettings;
+use ferrocorn_worker::AccessLogTarget;
+use ferrocorn_worker::QuerySettings;
+use ferrocorn_worker::ResultCacheSettings;
 use ferrocorn_worker::{EXIT_BOOT_FAILED, WorkerArgs, WorkerSettings};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};

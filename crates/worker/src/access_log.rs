@@ -9,17 +9,10 @@
 //! never interleave) and reopens it on SIGUSR1, after logrotate has moved it.
 
 use std::io::{self, Write};
-use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::logfile::LogFile;
-
-/// Where access lines go.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum AccessLogTarget {
-    Stdout,
-    File(PathBuf),
-}
+use crate::settings::AccessLogTarget;
 
 /// An open access log.
 #[derive(Debug)]

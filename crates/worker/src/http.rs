@@ -1,7 +1,9 @@
-//! The worker's HTTP application: router, front-line middleware and endpoints.
+//! The worker's HTTP application: the router, the front-line middleware (request ids, request
+//! line and header limits, request counting, `Connection: close` while draining, the access log)
+//! and the operations and catalogue endpoints.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use axum::body::Bytes;
 use axum::extract::Path;
@@ -11,147 +13,17 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use ferrocorn_query_core::error::chain as error_chain;
-use ferrocorn_query_core::{DatasetInfo, Engine, Storage};
-use hashlink::LruCache;
+use ferrocorn_query_core::{DatasetInfo, Storage};
+use ferrocorn_scoreboard::{PoolCounters, WorkerRecord};
 use http::{HeaderValue, header};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use crate::access_log::{AccessEntry, AccessLog};
-use crate::openapi::{ApiDoc, ColumnDoc, DatasetDoc, DatasetList, Health, Ready};
+use crate::access_log::AccessEntry;
+use crate::api::{ColumnDoc, DatasetDoc, DatasetList, Health, Ready};
+use crate::openapi::ApiDoc;
 use crate::problem::{ApiError, Problem};
-use crate::query::{Admission, QuerySettings};
-use crate::result_cache::ResultCache;
 use crate::settings::WorkerSettings;
-use ferrocorn_scoreboard::{PoolCounters, Scoreboard, WorkerRecord};
-
-tokio::task_local! {
-    static REQUEST_ID: String;
-}
-
-/// The id of the request being handled, for error documents.
-pub fn current_request_id() -> Option<String> {
-    REQUEST_ID.try_with(Clone::clone).ok()
-}
-
-/// State shared by every request of one worker.
-pub struct AppState {
-    pub slot: usize,
-    pub pid: u32,
-    pub engine: Arc<Engine>,
-    pub record: &'static WorkerRecord,
-    pub scoreboard: &'static Scoreboard,
-    /// The pool's result cache, if it is on (and its directory usable).
-    pub result_cache: Option<Arc<ResultCache>>,
-    /// Result keys of recent requests (see [`crate::query::KeyMemo`]).
-    keys: Mutex<LruCache<u64, crate::query::KeyMemo>>,
-    pub settings: WorkerSettings,
-    pub query: QuerySettings,
-    pub admission: Admission,
-    /// Set when the worker drains: every response then carries `Connection: close`.
-    pub draining: AtomicBool,
-    /// Called once when the request budget is spent.
-    pub on_budget_spent: Box<dyn Fn() + Send + Sync>,
-    /// Where request lines go, if anywhere.
-    pub access_log: Option<AccessLog>,
-    /// What enforces the worker's file-system boundary.
-    pub sandbox: crate::sandbox::SandboxStatus,
-    next_request: AtomicU64,
-}
-
-impl std::fmt::Debug for AppState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AppState")
-            .field("slot", &self.slot)
-            .field("pid", &self.pid)
-            .field("draining", &self.draining)
-            .finish_non_exhaustive()
-    }
-}
-
-/// What a worker's shared state is made of.
-pub struct StateParts {
-    pub slot: usize,
-    pub engine: Arc<Engine>,
-    pub record: &'static WorkerRecord,
-    pub scoreboard: &'static Scoreboard,
-    pub settings: WorkerSettings,
-    /// Called once when the request budget is spent.
-    pub on_budget_spent: Box<dyn Fn() + Send + Sync>,
-    pub access_log: Option<AccessLog>,
-    pub sandbox: crate::sandbox::SandboxStatus,
-}
-
-impl std::fmt::Debug for StateParts {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StateParts")
-            .field("slot", &self.slot)
-            .field("sandbox", &self.sandbox)
-            .finish_non_exhaustive()
-    }
-}
-
-impl AppState {
-    pub fn new(parts: StateParts) -> Self {
-        let StateParts {
-            slot,
-            engine,
-            record,
-            scoreboard,
-            settings,
-            on_budget_spent,
-            access_log,
-            sandbox,
-        } = parts;
-        let result_cache = settings.result_cache.as_ref().and_then(|cache| {
-            ResultCache::open(cache, scoreboard.pool())
-                .inspect_err(|e| {
-                    tracing::warn!(dir = %cache.dir.display(), error = %e, "result cache off: cannot use its directory");
-                })
-                .ok()
-                .map(Arc::new)
-        });
-        Self {
-            slot,
-            pid: std::process::id(),
-            engine,
-            record,
-            scoreboard,
-            result_cache,
-            keys: Mutex::new(LruCache::new(REMEMBERED_STATEMENTS)),
-            query: settings.query.clone(),
-            admission: Admission::new(&settings.query),
-            settings,
-            draining: AtomicBool::new(false),
-            on_budget_spent,
-            access_log,
-            sandbox,
-            next_request: AtomicU64::new(1),
-        }
-    }
-
-    /// The pool's counters.
-    pub fn pool(&self) -> &'static PoolCounters {
-        self.scoreboard.pool()
-    }
-
-    /// The result keys this worker remembers.
-    pub fn key_memo(&self) -> std::sync::MutexGuard<'_, LruCache<u64, crate::query::KeyMemo>> {
-        self.keys.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn request_id(&self, incoming: Option<&HeaderValue>) -> String {
-        // A caller's id is kept when it is short and printable, so a proxy's id flows through.
-        if let Some(id) = incoming.and_then(|v| v.to_str().ok())
-            && !id.is_empty()
-            && id.len() <= 128
-            && id.bytes().all(|b| b.is_ascii_graphic())
-        {
-            return id.to_owned();
-        }
-        let n = self.next_request.fetch_add(1, Ordering::Relaxed);
-        format!("{:x}-{:x}", self.pid, n)
-    }
-}
+use crate::state::{AppState, refresh_catalog};
 
 /// The routes with their OpenAPI descriptions.
 fn documented_routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
@@ -166,16 +38,17 @@ fn documented_routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .split_for_parts()
 }
 
-/// The OpenAPI document as served at `/openapi.json`.
-pub fn openapi_json() -> String {
-    documented_routes().1.to_pretty_json().unwrap_or_default()
+/// The OpenAPI document, as `/openapi.json` serves it.
+fn spec_json(api: &utoipa::openapi::OpenApi) -> Result<Bytes, serde_json::Error> {
+    api.to_pretty_json().map(Bytes::from)
 }
 
-/// Build the router.
-pub fn router(state: Arc<AppState>) -> Router {
+/// Build the router; fails if the API's contract cannot be serialised (a worker then does not
+/// boot, rather than serve an empty `/openapi.json`).
+pub fn router(state: Arc<AppState>) -> Result<Router, serde_json::Error> {
     let (routes, api) = documented_routes();
-    let spec = Bytes::from(api.to_pretty_json().unwrap_or_default());
-    routes
+    let spec = spec_json(&api)?;
+    Ok(routes
         .route(
             "/openapi.json",
             get(move || {
@@ -186,74 +59,75 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), front_line))
-        .with_state(state)
+        .with_state(state))
 }
 
 /// Runs around every request: limits, request id, accounting, drain.
 async fn front_line(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    let request_id = state.request_id(request.headers().get("x-request-id"));
+    let request_id = state
+        .request_ids
+        .assign(request.headers().get("x-request-id"));
     let received = std::time::Instant::now();
     // What the access line needs from the request, taken before the handler consumes it.
     let access = state
         .access_log
         .as_ref()
         .map(|_| RequestFacts::of(&request));
-    REQUEST_ID
-        .scope(request_id.clone(), async move {
-            let mut response = match check_limits(&state.settings, &request) {
-                Err(e) => e.into_response(),
-                Ok(()) => {
-                    PoolCounters::add(&state.pool().requests, 1);
-                    let line = format!("{} {}", request.method(), request.uri());
-                    let started = state.record.request_started(&line);
-                    let _in_flight = InFlight(state.record);
-                    if state
-                        .settings
-                        .request_budget
-                        .is_some_and(|budget| started >= budget)
-                        && state.record.request_retirement()
-                    {
-                        tracing::info!(
-                            slot = state.slot,
-                            pid = state.pid,
-                            requests = started,
-                            "worker request budget spent; asking for a successor"
-                        );
-                        (state.on_budget_spent)();
-                    }
-                    tracing::debug!(request_id = %request_id, %line, "request");
-                    next.run(request).await
+    crate::request_id::scope(request_id.clone(), async move {
+        let mut response = match check_limits(&state.settings, &request) {
+            Err(e) => e.into_response(),
+            Ok(()) => {
+                PoolCounters::add(&state.pool().requests, 1);
+                let line = format!("{} {}", request.method(), request.uri());
+                let started = state.record.request_started(&line);
+                let _in_flight = InFlight(state.record);
+                if state
+                    .settings
+                    .request_budget
+                    .is_some_and(|budget| started >= budget)
+                    && state.record.request_retirement()
+                {
+                    tracing::info!(
+                        slot = state.slot,
+                        pid = state.pid,
+                        requests = started,
+                        "worker request budget spent; asking for a successor"
+                    );
+                    (state.on_budget_spent)();
                 }
+                tracing::debug!(request_id = %request_id, %line, "request");
+                next.run(request).await
+            }
+        };
+        let headers = response.headers_mut();
+        if let Ok(value) = HeaderValue::from_str(&request_id) {
+            headers.insert("x-request-id", value);
+        }
+        if state.draining.load(Ordering::Relaxed) {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let (Some(log), Some(facts)) = (&state.access_log, &access) {
+            let entry = AccessEntry {
+                peer: facts.peer,
+                method: &facts.method,
+                target: &facts.target,
+                version: facts.version,
+                status: response.status().as_u16(),
+                bytes: response
+                    .headers()
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok()),
+                referer: facts.referer.as_deref(),
+                user_agent: facts.user_agent.as_deref(),
+                duration: received.elapsed(),
+                request_id: &request_id,
             };
-            let headers = response.headers_mut();
-            if let Ok(value) = HeaderValue::from_str(&request_id) {
-                headers.insert("x-request-id", value);
-            }
-            if state.draining.load(Ordering::Relaxed) {
-                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            if let (Some(log), Some(facts)) = (&state.access_log, &access) {
-                let entry = AccessEntry {
-                    peer: facts.peer,
-                    method: &facts.method,
-                    target: &facts.target,
-                    version: facts.version,
-                    status: response.status().as_u16(),
-                    bytes: response
-                        .headers()
-                        .get(header::CONTENT_LENGTH)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse().ok()),
-                    referer: facts.referer.as_deref(),
-                    user_agent: facts.user_agent.as_deref(),
-                    duration: received.elapsed(),
-                    request_id: &request_id,
-                };
-                log.write(&entry.format(std::time::SystemTime::now()));
-            }
-            response
-        })
-        .await
+            log.write(&entry.format(std::time::SystemTime::now()));
+        }
+        response
+    })
+    .await
 }
 
 /// The peer's address, inserted into each request by the connection that carries it.
@@ -362,22 +236,6 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Ready>, ApiEr
     }))
 }
 
-/// Request shapes whose result key a worker remembers, and the longest statement remembered.
-const REMEMBERED_STATEMENTS: usize = 1024;
-pub const MAX_REMEMBERED_STATEMENT: usize = 16 << 10;
-
-/// How often a worker may rescan the data directory for new or changed datasets.
-pub const RESCAN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Rescan the data directory if the last scan is older than [`RESCAN_INTERVAL`], off the event
-/// loop; nothing to do (and no trip to the blocking pool) otherwise.
-pub async fn refresh_catalog(engine: &Arc<Engine>) {
-    if engine.refresh_due(RESCAN_INTERVAL) {
-        let engine = engine.clone();
-        let _ = tokio::task::spawn_blocking(move || engine.refresh_if_due(RESCAN_INTERVAL)).await;
-    }
-}
-
 async fn fresh_catalog(state: &AppState) -> Arc<Vec<DatasetInfo>> {
     refresh_catalog(&state.engine).await;
     state.engine.catalog()
@@ -439,4 +297,27 @@ async fn get_dataset(
         .find(|d| d.dataset.name == name)
         .map(|d| Json(describe(d)))
         .ok_or(ApiError::UnknownDataset(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_contract_serialises_with_every_route() {
+        let (_, api) = documented_routes();
+        let spec: serde_json::Value =
+            serde_json::from_slice(&spec_json(&api).expect("the contract serialises"))
+                .expect("JSON");
+        for path in [
+            "/healthz",
+            "/readyz",
+            "/v1/query",
+            "/v1/datasets",
+            "/v1/datasets/{name}",
+            "/metrics",
+        ] {
+            assert!(spec["paths"][path].is_object(), "{path} is documented");
+        }
+    }
 }

@@ -5,18 +5,28 @@
 //!
 //! # Layout
 //!
-//! - [`settings`]: what the supervisor passes down ([`WorkerSettings`], [`WorkerArgs`]).
-//! - [`sandbox`]: the worker's Landlock rules, applied right after the fork, and their proof.
-//! - [`server`]: the lifecycle (booting → ready → draining → exited), the accept loop with its
+//! The modules form a tree: each imports only modules above it in this list.
+//!
+//! - `settings`: what the supervisor passes down ([`WorkerSettings`], [`WorkerArgs`]) and every
+//!   setting the other modules read.
+//! - `logfile`: append-only log files reopened on SIGUSR1 (error and access logs).
+//! - `access_log`: one combined-format line per request.
+//! - `sandbox`: the worker's Landlock rules, applied right after the fork, and their proof.
+//! - `result_cache`: encoded results on disk, shared by the pool, and each worker's hot entries.
+//! - `admission`: how many queries run and wait at once.
+//! - `request_id`: the id of the request being handled, and new ones.
+//! - `problem`: the API's error type and its one mapping to status and `application/problem+json`.
+//! - `api`: the API's request and response bodies, with their OpenAPI schemas.
+//! - `openapi`: the contract's fixed parts (`/openapi.json` adds the routes).
+//! - `negotiate`: which result format a request gets.
+//! - `caching`: result keys, `ETag`s and the result cache's headers.
+//! - `stream`: a query on the blocking pool, its bytes moved to the response.
+//! - `state`: what every request of one worker shares, and the catalogue refresh.
+//! - `query`: `/v1/query`, from the request to the answer.
+//! - `metrics`: `/metrics` for the whole pool.
+//! - `http`: the router, the front-line middleware and the other endpoints.
+//! - `server`: the lifecycle (booting → ready → draining → exited), the accept loop with its
 //!   connection cap, per-connection hyper settings (keep-alive, header timeout, limits), drain.
-//! - [`access_log`]: one combined-format line per request, reopened on SIGUSR1.
-//! - [`logfile`]: append-only log files reopened on SIGUSR1 (error and access logs).
-//! - [`http`]: the router, the front-line middleware (request ids, request line and header
-//!   limits, request counting, `Connection: close` while draining) and the endpoints.
-//! - [`query`]: `/v1/query`: parsing, format negotiation, admission control, deadlines,
-//!   cancellation and streaming.
-//! - [`openapi`]: the API contract (`/openapi.json`), generated from the routes and types.
-//! - [`problem`]: the API's error type and its mapping to `application/problem+json`.
 //!
 //! # Signals (inside a worker)
 //!
@@ -26,17 +36,28 @@
 //! | INT, QUIT | exit at once |
 //! | USR1 | reopen the error and access logs |
 
-pub mod access_log;
-pub mod http;
-pub mod logfile;
-pub mod metrics;
-pub mod openapi;
-pub mod problem;
-pub mod query;
-pub mod result_cache;
-pub mod sandbox;
-pub mod server;
-pub mod settings;
+mod access_log;
+mod admission;
+mod api;
+mod caching;
+mod http;
+mod logfile;
+mod metrics;
+mod negotiate;
+mod openapi;
+mod problem;
+mod query;
+mod request_id;
+mod result_cache;
+mod sandbox;
+mod server;
+mod settings;
+mod state;
+mod stream;
 
-pub use server::{EXIT_BOOT_FAILED, WorkerPhase, run, sandbox_probe};
-pub use settings::{Listener, WorkerArgs, WorkerSettings};
+pub use logfile::LogFile;
+pub use server::{EXIT_BOOT_FAILED, run, sandbox_probe};
+pub use settings::{
+    AccessLogTarget, Listener, QuerySettings, ResultCacheSettings, SandboxMode, WorkerArgs,
+    WorkerSettings,
+};

@@ -14,8 +14,9 @@ use axum::response::IntoResponse;
 use ferrocorn_query_core::Storage;
 use http::header;
 
-use crate::http::AppState;
 use ferrocorn_scoreboard::{PoolCounters, RecordState};
+
+use crate::state::AppState;
 
 /// Prometheus text exposition format.
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";

@@ -4,11 +4,10 @@
 //! `#[utoipa::path]` description, so a route cannot exist without being documented; the body
 //! types below derive their schemas from the same structs the handlers serialize.
 
-use serde::Serialize;
-use utoipa::{IntoResponses, OpenApi, ToResponse, ToSchema};
+use utoipa::OpenApi;
 
+use crate::api::{ColumnDoc, DatasetDoc, DatasetList, Health, JsonResult, QueryBody, Ready};
 use crate::problem::Problem;
-use crate::query::QueryBody;
 
 /// The OpenAPI document's fixed parts; paths are added by the router.
 #[derive(Debug, OpenApi)]
@@ -30,121 +29,3 @@ use crate::query::QueryBody;
     ))
 )]
 pub struct ApiDoc;
-
-/// `GET /healthz`.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Health {
-    /// Always `ok`.
-    pub status: &'static str,
-    /// The worker's slot.
-    pub slot: usize,
-    /// The worker's process id.
-    pub pid: u32,
-}
-
-/// `GET /readyz`.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Ready {
-    /// Always `ready`.
-    pub status: &'static str,
-    pub slot: usize,
-    pub pid: u32,
-    /// DuckDB's version.
-    pub duckdb: String,
-    /// Registered datasets.
-    pub datasets: usize,
-    /// What enforces the worker's file-system boundary: `landlock (ABI 7) and duckdb`, or
-    /// `duckdb only: <why>` where the kernel has no Landlock.
-    pub sandbox: String,
-}
-
-/// A column: its name and DuckDB type.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ColumnDoc {
-    pub name: String,
-    /// DuckDB's type name, e.g. `DECIMAL(12,2)`.
-    #[serde(rename = "type")]
-    pub sql_type: String,
-}
-
-/// A dataset of the data directory.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct DatasetDoc {
-    pub name: String,
-    pub columns: Vec<ColumnDoc>,
-    /// Parquet files, relative to the data directory.
-    pub files: Vec<String>,
-    /// Total size of the files in bytes.
-    pub bytes: u64,
-    /// Rows according to the Parquet footers.
-    pub row_estimate: Option<u64>,
-    /// The version being served: changes whenever any file of the dataset changes (for a
-    /// snapshot, once the snapshot of the new files is built).
-    pub dataset_version: String,
-    /// `parquet` (views over the files) or `snapshot` (a DuckDB file built from them).
-    pub storage: &'static str,
-    /// The snapshot file's size in bytes, when served from a snapshot.
-    pub snapshot_bytes: Option<u64>,
-    /// The version of the files whose snapshot is being built, while it is not served yet.
-    pub pending_version: Option<String>,
-    /// Whether queries can read it; when not, `error` says why (its files are not valid
-    /// Parquet, say) and queries naming it are answered 503 `dataset_unavailable`.
-    pub available: bool,
-    pub error: Option<String>,
-}
-
-/// `GET /v1/datasets`.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct DatasetList {
-    pub datasets: Vec<DatasetDoc>,
-}
-
-/// A result in the `json` format. Integers outside ±2^53, HUGEINT and DECIMAL values are
-/// strings, so that no digit is lost; dates and timestamps are ISO 8601 strings.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct JsonResult {
-    pub columns: Vec<ColumnDoc>,
-    /// One array per row, cells in column order.
-    pub rows: Vec<Vec<serde_json::Value>>,
-    pub row_count: u64,
-    /// Whether more rows existed than were returned (the `limit` or the server maximum).
-    pub truncated: bool,
-}
-
-/// The result of a query, in the format chosen by `format` or `Accept`. `X-Result-Truncated` and
-/// `X-Result-Rows` are headers when the result fits in the first MiB and trailers otherwise (sent
-/// to clients that ask with `TE: trailers`); `Server-Timing` gives queue, execution and encoding
-/// times (for a streamed result: the queue time as a header, all three as a trailer).
-// Only the description is used: the encoders write the bytes, so no variant is ever built.
-#[allow(dead_code)]
-#[derive(Debug, ToResponse)]
-pub enum QueryResult {
-    Json(#[content("application/json")] JsonResult),
-    Ndjson(#[content("application/x-ndjson")] String),
-    Csv(#[content("text/csv")] String),
-    Arrow(#[content("application/vnd.apache.arrow.stream")] Vec<u8>),
-    Parquet(#[content("application/vnd.apache.parquet")] Vec<u8>),
-}
-
-/// The errors both forms of `/v1/query` can answer.
-// Only the description is used: errors are built as `ApiError`s.
-#[allow(dead_code)]
-#[derive(Debug, IntoResponses)]
-pub enum QueryErrors {
-    /// SQL error (`sql_syntax`, `sql_binder`, `sql_error`), several statements
-    /// (`multiple_statements`), bad parameters (`invalid_parameter`) or request.
-    #[response(status = 400, content_type = "application/problem+json")]
-    BadRequest(Problem),
-    /// Not a read-only query (`statement_not_allowed`) or outside the sandbox (`access_denied`).
-    #[response(status = 403, content_type = "application/problem+json")]
-    Forbidden(Problem),
-    /// No acceptable format (`not_acceptable`).
-    #[response(status = 406, content_type = "application/problem+json")]
-    NotAcceptable(Problem),
-    /// `overloaded` (with `Retry-After`) or `out_of_memory`.
-    #[response(status = 503, content_type = "application/problem+json")]
-    Unavailable(Problem),
-    /// `query_timeout`: the deadline passed and DuckDB was interrupted.
-    #[response(status = 504, content_type = "application/problem+json")]
-    Timeout(Problem),
-}

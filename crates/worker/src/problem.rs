@@ -22,8 +22,14 @@ pub enum ApiError {
     HeaderFieldTooLarge { name: String, limit: usize },
     #[error("DuckDB is not ready: {0}")]
     NotReady(String),
-    #[error("{detail}")]
-    BadRequest { code: &'static str, detail: String },
+    /// The body is not a JSON object of the query's fields.
+    #[error("{0}")]
+    InvalidBody(String),
+    /// The query string of `GET /v1/query` cannot be used.
+    #[error("{0}")]
+    InvalidQueryString(String),
+    #[error("unknown format {0:?}; one of json, ndjson, csv, arrow, parquet")]
+    UnsupportedFormat(String),
     #[error("the request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("the request body must be application/json")]
@@ -54,7 +60,9 @@ impl ApiError {
                 "header_too_large",
             ),
             Self::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
-            Self::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
+            Self::InvalidBody(_) => (StatusCode::BAD_REQUEST, "invalid_body"),
+            Self::InvalidQueryString(_) => (StatusCode::BAD_REQUEST, "invalid_query_string"),
+            Self::UnsupportedFormat(_) => (StatusCode::BAD_REQUEST, "unsupported_format"),
             Self::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::UnsupportedMediaType => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
@@ -119,17 +127,34 @@ pub struct Problem {
     pub request_id: Option<String>,
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The problem document of this error, for the request being handled.
+    pub fn problem(&self) -> Problem {
         let (status, code) = self.status_and_code();
-        let problem = Problem {
+        Problem {
             kind: "about:blank",
             title: status.canonical_reason().unwrap_or("Error"),
             status: status.as_u16(),
             code,
             detail: self.to_string(),
-            request_id: crate::http::current_request_id(),
-        };
+            request_id: crate::request_id::current(),
+        }
+    }
+
+    /// The last line of an NDJSON result that failed after its first bytes were sent:
+    /// `{"error": <problem>}`.
+    pub fn ndjson_line(&self) -> Vec<u8> {
+        let mut line =
+            serde_json::to_vec(&serde_json::json!({ "error": self.problem() })).unwrap_or_default();
+        line.push(b'\n');
+        line
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let problem = self.problem();
+        let status = self.status_and_code().0;
         let body = serde_json::to_vec(&problem).unwrap_or_default();
         let mut response = (status, body).into_response();
         response.headers_mut().insert(
@@ -142,5 +167,33 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_errors_have_their_codes_here() {
+        for (error, code) in [
+            (ApiError::InvalidBody("x".into()), "invalid_body"),
+            (
+                ApiError::InvalidQueryString("x".into()),
+                "invalid_query_string",
+            ),
+            (
+                ApiError::UnsupportedFormat("xml".into()),
+                "unsupported_format",
+            ),
+        ] {
+            assert_eq!(error.status_and_code(), (StatusCode::BAD_REQUEST, code));
+            let problem = error.problem();
+            assert_eq!((problem.status, problem.code), (400, code));
+        }
+        let line = ApiError::Overloaded.ndjson_line();
+        let value: serde_json::Value = serde_json::from_slice(&line).expect("one JSON line");
+        assert_eq!(value["error"]["code"], "overloaded");
+        assert_eq!(line.last(), Some(&b'\n'));
     }
 }

@@ -2,8 +2,8 @@
 //! across restarts.
 //!
 //! An entry is one file, `<key>.entry`, named by the SHA-256 of everything its bytes depend on
-//! (the normalised statement, its parameters, the format, the row limit and the version of every
-//! dataset the statement names; see [`CacheKey`]). The key changes when any of those datasets
+//! (the statement's exact text, its parameters, the format, the row limit and the version of
+//! every dataset the statement reads; see [`CacheKey`]). The key changes when any of those datasets
 //! changes, so an entry can never be served for data it was not computed from; entries of old
 //! versions are simply never asked for again and age out.
 //!
@@ -30,14 +30,7 @@ use sha2::{Digest, Sha256};
 
 use ferrocorn_scoreboard::PoolCounters;
 
-/// What the cache is given.
-#[derive(Clone, Debug)]
-pub struct ResultCacheSettings {
-    /// The directory (created if missing).
-    pub dir: PathBuf,
-    /// Most bytes all entries together may take.
-    pub max_bytes: u64,
-}
+use crate::settings::ResultCacheSettings;
 
 /// The identity of a result: the hex SHA-256 of its inputs.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -173,9 +166,10 @@ impl ResultCache {
         found
     }
 
-    /// The entry for `key` from memory or disk, counted as a hit or a miss. May read a file:
-    /// call it where blocking is allowed.
-    pub fn get(&self, key: &CacheKey) -> Option<Entry> {
+    /// The entry for `key` from memory or disk, counted as a hit or a miss (the tests' way in;
+    /// requests ask memory first and read the file on the blocking pool).
+    #[cfg(test)]
+    fn get(&self, key: &CacheKey) -> Option<Entry> {
         self.get_hot(key).or_else(|| self.load(key))
     }
 
@@ -317,7 +311,8 @@ impl ResultCache {
         total
     }
 
-    pub fn dir(&self) -> &Path {
+    #[cfg(test)]
+    fn dir(&self) -> &Path {
         &self.dir
     }
 }

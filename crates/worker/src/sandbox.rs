@@ -29,6 +29,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::settings::SandboxMode;
 use landlock::{
     ABI, Access, AccessFs, AccessNet, BitFlags, LandlockStatus, PathBeneath, PathFd, Ruleset,
     RulesetAttr, RulesetCreatedAttr, RulesetStatus,
@@ -36,29 +37,6 @@ use landlock::{
 
 /// The Landlock ABI whose rights the rules name; a kernel that knows fewer enforces what it can.
 const TARGET_ABI: ABI = ABI::V7;
-
-/// Whether a worker may serve without the kernel's wall.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SandboxMode {
-    /// Landlock where the kernel has it; DuckDB's own sandbox alone (with a warning) elsewhere.
-    #[default]
-    Auto,
-    /// A worker whose kernel cannot enforce Landlock fails to boot.
-    Required,
-}
-
-impl std::str::FromStr for SandboxMode {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        match text.to_ascii_lowercase().as_str() {
-            "auto" => Ok(Self::Auto),
-            "required" => Ok(Self::Required),
-            _ => Err(format!("{text:?} is not one of auto, required")),
-        }
-    }
-}
 
 /// The paths a worker's sandbox is made of.
 #[derive(Clone, Debug)]

@@ -1,8 +1,9 @@
 //! The worker's lifecycle and its accept loop.
 //!
-//! A worker goes through [`WorkerPhase`]s in order: it boots (runtime, heartbeat, DuckDB), becomes
-//! ready (publishes it and starts accepting), drains when told (SIGTERM), and exits. Each
-//! transition is logged with the slot and pid and published in the scoreboard.
+//! A worker goes through the states of its scoreboard record ([`RecordState`]) in order: it boots
+//! (runtime, heartbeat, DuckDB), becomes ready (publishes it and starts accepting), drains when
+//! told (SIGTERM), and exits. Each transition is logged with the slot and pid and published in
+//! the scoreboard (the master reaps the record once the worker has exited).
 //!
 //! Connections: each listener has an accept task; a semaphore of `worker_connections` permits caps
 //! the connections served at once (the rest wait in the kernel's queue). Per-connection errors are
@@ -27,23 +28,16 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tower::ServiceExt;
 
 use crate::access_log::AccessLog;
-use crate::http::{AppState, PeerAddr, StateParts, router};
+use crate::http::{PeerAddr, router};
 use crate::settings::{Listener, WorkerArgs, WorkerSettings};
+use crate::state::{AppState, StateParts, refresh_catalog};
 use ferrocorn_query_core::error::chain as error_chain;
 use ferrocorn_scoreboard::{RecordState, WorkerRecord, monotonic_ms};
 
 /// Exit code of a worker that could not boot (Gunicorn's `WORKER_BOOT_ERROR`).
 pub const EXIT_BOOT_FAILED: i32 = 3;
 
-/// The phases of a worker's life, in order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WorkerPhase {
-    Booting,
-    Ready,
-    Draining,
-    Exited,
-}
-
+/// Publishes a worker's transitions.
 struct Phase<'a> {
     slot: usize,
     pid: u32,
@@ -51,14 +45,19 @@ struct Phase<'a> {
 }
 
 impl Phase<'_> {
-    fn enter(&self, phase: WorkerPhase) {
-        tracing::info!(slot = self.slot, pid = self.pid, phase = ?phase, "worker phase");
-        let state = match phase {
-            WorkerPhase::Booting => RecordState::Booting,
-            WorkerPhase::Ready => RecordState::Ready,
-            WorkerPhase::Draining | WorkerPhase::Exited => RecordState::Draining,
-        };
+    fn enter(&self, state: RecordState) {
+        tracing::info!(slot = self.slot, pid = self.pid, phase = ?state, "worker phase");
         self.record.set_state(state);
+    }
+
+    /// The last transition: the record stays as it was (draining) until the master reaps it.
+    fn exited(&self) {
+        tracing::info!(
+            slot = self.slot,
+            pid = self.pid,
+            phase = "Exited",
+            "worker phase"
+        );
     }
 }
 
@@ -185,7 +184,7 @@ async fn serve(
     let pid = std::process::id();
     record.set_pid(pid as i32);
     let phase = Phase { slot, pid, record };
-    phase.enter(WorkerPhase::Booting);
+    phase.enter(RecordState::Booting);
     let notify = Arc::new(std::fs::File::from(notify));
     let wake_master = {
         let notify = notify.clone();
@@ -253,7 +252,16 @@ async fn serve(
     let connections = Arc::new(Connections::default());
     let cap = Arc::new(Semaphore::new(settings.worker_connections.max(1)));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let app = router(state.clone());
+    let app = match router(state.clone()) {
+        Ok(app) => app,
+        Err(e) => {
+            return boot_failed(
+                record,
+                &format!("cannot serialise the API contract: {e}"),
+                &wake_master,
+            );
+        }
+    };
     let mut accept_tasks = Vec::new();
     for listener in tokio_listeners {
         accept_tasks.push(tokio::spawn(accept_loop(
@@ -269,7 +277,7 @@ async fn serve(
     // so that a changed dataset's snapshot is rebuilt (and a finished one attached) even on an
     // idle pool, before the first request after a data load.
     let rescan = tokio::spawn(rescan(engine.clone()));
-    phase.enter(WorkerPhase::Ready);
+    phase.enter(RecordState::Ready);
     wake_master();
 
     loop {
@@ -287,7 +295,7 @@ async fn serve(
         }
     }
 
-    phase.enter(WorkerPhase::Draining);
+    phase.enter(RecordState::Draining);
     state.draining.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
     for task in accept_tasks {
@@ -309,7 +317,7 @@ async fn serve(
     }
     heartbeat.abort();
     rescan.abort();
-    phase.enter(WorkerPhase::Exited);
+    phase.exited();
     0
 }
 
@@ -322,7 +330,7 @@ fn boot_failed(record: &WorkerRecord, reason: &str, wake_master: &impl Fn()) -> 
 }
 
 fn quick_exit(phase: &Phase<'_>) -> i32 {
-    phase.enter(WorkerPhase::Exited);
+    phase.exited();
     0
 }
 
@@ -344,7 +352,7 @@ async fn rescan(engine: Arc<Engine>) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        crate::http::refresh_catalog(&engine).await;
+        refresh_catalog(&engine).await;
     }
 }
 

@@ -1,4 +1,5 @@
-//! What the supervisor hands a worker at fork time.
+//! What the supervisor hands a worker at fork time: every setting the worker's modules read (a
+//! leaf module: it imports none of them).
 
 use std::fmt;
 use std::os::fd::OwnedFd;
@@ -6,11 +7,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ferrocorn_query_core::EngineSettings;
-
-use crate::access_log::AccessLogTarget;
-use crate::query::QuerySettings;
-use crate::result_cache::ResultCacheSettings;
-use crate::sandbox::SandboxMode;
 use ferrocorn_scoreboard::{Scoreboard, WorkerRecord};
 
 /// The worker's HTTP settings, resolved by the supervisor from the configuration.
@@ -89,5 +85,61 @@ impl fmt::Debug for WorkerArgs {
             .field("settings", &self.settings)
             .field("engine", &self.engine)
             .finish_non_exhaustive()
+    }
+}
+
+/// The worker's query limits, resolved by the supervisor.
+#[derive(Clone, Debug)]
+pub struct QuerySettings {
+    /// Rows a result may have; more is cut and flagged `truncated`.
+    pub max_result_rows: u64,
+    /// Largest request body in bytes; larger is 413.
+    pub max_body_bytes: usize,
+    /// Longest a query may run; `timeout_ms` can only ask for less. Also the default.
+    pub max_query_time: Duration,
+    /// Queries run at once by one worker.
+    pub max_concurrent_queries: usize,
+    /// Queries that may wait for a slot; more are answered 503 at once.
+    pub queue_depth: usize,
+    /// Longest wait for a slot before 503.
+    pub queue_timeout: Duration,
+}
+
+/// Where access lines go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    Stdout,
+    File(PathBuf),
+}
+
+/// What the cache is given.
+#[derive(Clone, Debug)]
+pub struct ResultCacheSettings {
+    /// The directory (created if missing).
+    pub dir: PathBuf,
+    /// Most bytes all entries together may take.
+    pub max_bytes: u64,
+}
+
+/// Whether a worker may serve without the kernel's wall.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxMode {
+    /// Landlock where the kernel has it; DuckDB's own sandbox alone (with a warning) elsewhere.
+    #[default]
+    Auto,
+    /// A worker whose kernel cannot enforce Landlock fails to boot.
+    Required,
+}
+
+impl std::str::FromStr for SandboxMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "required" => Ok(Self::Required),
+            _ => Err(format!("{text:?} is not one of auto, required")),
+        }
     }
 }

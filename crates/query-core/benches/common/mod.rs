@@ -1,72 +1,36 @@
-//! What the benchmarks share: running a query as a request would, through [`Engine::run`] into
-//! an encoder, and medians.
+//! What the benchmarks share: running a query as a request would, through
+//! [`Engine::run_encoded`], and medians.
 
 use std::time::{Duration, Instant};
 
-use ferrocorn_query_core::arrow::datatypes::SchemaRef;
-use ferrocorn_query_core::arrow::record_batch::RecordBatch;
-use ferrocorn_query_core::{
-    Encoder, Engine, Flow, Format, InterruptHandle, Params, QuerySpec, ResultSink, Summary,
-};
+use ferrocorn_query_core::{ChunkSink, Engine, Flow, Format, InterruptHandle, Params, QuerySpec};
 
-/// Encodes a result and counts its bytes.
-struct Encode {
-    format: Format,
-    encoder: Option<Encoder>,
-    bytes: usize,
-}
+/// Counts a result's encoded bytes.
+struct Count(usize);
 
-impl ResultSink for Encode {
+impl ChunkSink for Count {
     fn started(&mut self, _: InterruptHandle) {}
-    fn schema(&mut self, schema: SchemaRef) -> Flow {
-        match Encoder::new(self.format, schema) {
-            Ok((encoder, head)) => {
-                self.bytes += head.len();
-                self.encoder = Some(encoder);
-                Flow::Continue
-            }
-            Err(_) => Flow::Stop,
-        }
-    }
-    fn batch(&mut self, batch: RecordBatch) -> Flow {
-        match self.encoder.as_mut().map(|e| e.batch(&batch)) {
-            Some(Ok(bytes)) => {
-                self.bytes += bytes.len();
-                Flow::Continue
-            }
-            _ => Flow::Stop,
-        }
+    fn chunk(&mut self, bytes: Vec<u8>) -> Flow {
+        self.0 += bytes.len();
+        Flow::Continue
     }
 }
 
-/// Run `sql` and encode its whole result in `format`; returns how long that took.
+/// Run `sql` and encode its whole result in `format`, as a request would (the query core's one
+/// pipeline, [`Engine::run_encoded`]); returns how long that took.
 pub fn run(engine: &Engine, sql: &str, params: &Params, format: Format) -> Duration {
     let started = Instant::now();
-    let mut sink = Encode {
-        format,
-        encoder: None,
-        bytes: 0,
+    let mut bytes = Count(0);
+    let spec = QuerySpec {
+        sql,
+        params,
+        max_rows: u64::MAX,
+        explain: None,
     };
-    let outcome = engine
-        .run(
-            &QuerySpec {
-                sql,
-                params,
-                max_rows: u64::MAX,
-                explain: None,
-            },
-            &mut sink,
-        )
+    let encoded = engine
+        .run_encoded(&spec, format, &mut bytes)
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    if let Some(encoder) = sink.encoder.take() {
-        let tail = encoder
-            .finish(Summary {
-                rows: outcome.rows,
-                truncated: outcome.truncated,
-            })
-            .expect("finish");
-        std::hint::black_box((tail, sink.bytes));
-    }
+    std::hint::black_box((encoded, bytes.0));
     started.elapsed()
 }
 

@@ -1,0 +1,130 @@
+//! What every request of one worker shares ([`AppState`]), and keeping the engine's catalogue
+//! current.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use ferrocorn_query_core::Engine;
+use ferrocorn_scoreboard::{PoolCounters, Scoreboard, WorkerRecord};
+
+use crate::access_log::AccessLog;
+use crate::admission::Admission;
+use crate::caching::KeyMemos;
+use crate::request_id::RequestIds;
+use crate::result_cache::ResultCache;
+use crate::sandbox::SandboxStatus;
+use crate::settings::{QuerySettings, WorkerSettings};
+
+/// State shared by every request of one worker.
+pub struct AppState {
+    pub slot: usize,
+    pub pid: u32,
+    pub engine: Arc<Engine>,
+    pub record: &'static WorkerRecord,
+    pub scoreboard: &'static Scoreboard,
+    /// The pool's result cache, if it is on (and its directory usable).
+    pub result_cache: Option<Arc<ResultCache>>,
+    /// Result keys of recent request shapes.
+    pub keys: KeyMemos,
+    pub settings: WorkerSettings,
+    pub query: QuerySettings,
+    pub admission: Admission,
+    /// Set when the worker drains: every response then carries `Connection: close`.
+    pub draining: AtomicBool,
+    /// Called once when the request budget is spent.
+    pub on_budget_spent: Box<dyn Fn() + Send + Sync>,
+    /// Where request lines go, if anywhere.
+    pub access_log: Option<AccessLog>,
+    /// What enforces the worker's file-system boundary.
+    pub sandbox: SandboxStatus,
+    pub request_ids: RequestIds,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("slot", &self.slot)
+            .field("pid", &self.pid)
+            .field("draining", &self.draining)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a worker's shared state is made of.
+pub struct StateParts {
+    pub slot: usize,
+    pub engine: Arc<Engine>,
+    pub record: &'static WorkerRecord,
+    pub scoreboard: &'static Scoreboard,
+    pub settings: WorkerSettings,
+    /// Called once when the request budget is spent.
+    pub on_budget_spent: Box<dyn Fn() + Send + Sync>,
+    pub access_log: Option<AccessLog>,
+    pub sandbox: SandboxStatus,
+}
+
+impl std::fmt::Debug for StateParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateParts")
+            .field("slot", &self.slot)
+            .field("sandbox", &self.sandbox)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    pub fn new(parts: StateParts) -> Self {
+        let StateParts {
+            slot,
+            engine,
+            record,
+            scoreboard,
+            settings,
+            on_budget_spent,
+            access_log,
+            sandbox,
+        } = parts;
+        let result_cache = settings.result_cache.as_ref().and_then(|cache| {
+            ResultCache::open(cache, scoreboard.pool())
+                .inspect_err(|e| {
+                    tracing::warn!(dir = %cache.dir.display(), error = %e, "result cache off: cannot use its directory");
+                })
+                .ok()
+                .map(Arc::new)
+        });
+        Self {
+            slot,
+            pid: std::process::id(),
+            engine,
+            record,
+            scoreboard,
+            result_cache,
+            keys: KeyMemos::default(),
+            query: settings.query.clone(),
+            admission: Admission::new(&settings.query),
+            settings,
+            draining: AtomicBool::new(false),
+            on_budget_spent,
+            access_log,
+            sandbox,
+            request_ids: RequestIds::new(std::process::id()),
+        }
+    }
+
+    /// The pool's counters.
+    pub fn pool(&self) -> &'static PoolCounters {
+        self.scoreboard.pool()
+    }
+}
+
+/// How often a worker may rescan the data directory for new or changed datasets.
+pub const RESCAN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Rescan the data directory if the last scan is older than [`RESCAN_INTERVAL`], off the event
+/// loop; nothing to do (and no trip to the blocking pool) otherwise.
+pub async fn refresh_catalog(engine: &Arc<Engine>) {
+    if engine.refresh_due(RESCAN_INTERVAL) {
+        let engine = engine.clone();
+        let _ = tokio::task::spawn_blocking(move || engine.refresh_if_due(RESCAN_INTERVAL)).await;
+    }
+}
