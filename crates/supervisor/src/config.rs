@@ -21,12 +21,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use ferrocorn_query_core::{DatasetOptions, StorageMode};
 use ferrocorn_scoreboard::MAX_WORKERS;
 use ferrocorn_worker::AccessLogTarget;
 use ferrocorn_worker::SandboxMode;
+
+pub use crate::keys::{Origin, Origins, RawConfig};
 
 /// A configuration error; the message always names the key or the file.
 #[derive(Debug, thiserror::Error)]
@@ -52,26 +52,6 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Where a key's effective value came from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Origin {
-    Default,
-    File(PathBuf),
-    Env(String),
-    Flag(&'static str),
-}
-
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Default => f.write_str("default"),
-            Self::File(path) => write!(f, "file {}", path.display()),
-            Self::Env(var) => write!(f, "env {var}"),
-            Self::Flag(flag) => write!(f, "flag {flag}"),
-        }
-    }
-}
-
 /// The process environment, behind a trait so tests can supply their own.
 pub trait Env {
     fn var(&self, name: &str) -> Option<String>;
@@ -93,159 +73,7 @@ impl Env for BTreeMap<String, String> {
     }
 }
 
-macro_rules! raw_config {
-    ($( $(#[doc = $doc:literal])* $key:ident : $ty:ty ),* $(,)?) => {
-        /// Configuration as written: every key optional. See `config/ferrocorn.toml` for the
-        /// documentation of each key with its default.
-        #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-        #[serde(deny_unknown_fields)]
-        pub struct RawConfig {
-            $( $(#[doc = $doc])* #[serde(default, skip_serializing_if = "Option::is_none")] pub $key: Option<$ty>, )*
-        }
-
-        impl RawConfig {
-            /// Every key, in documentation order.
-            pub const KEYS: &'static [&'static str] = &[$(stringify!($key)),*];
-
-            /// Take every key `other` sets, recording `origin` for it.
-            pub fn overlay(&mut self, other: RawConfig, origin: &Origin, origins: &mut Origins) {
-                $(
-                    if other.$key.is_some() {
-                        self.$key = other.$key;
-                        origins.0.insert(stringify!($key), origin.clone());
-                    }
-                )*
-            }
-        }
-    };
-}
-
-raw_config! {
-    /// Addresses to listen on: `HOST:PORT`, `[IPV6]:PORT` or `unix:PATH`.
-    bind: Vec<String>,
-    /// Worker processes.
-    workers: u64,
-    /// Most concurrent connections per worker.
-    worker_connections: u64,
-    /// Requests after which a worker is replaced; 0 disables.
-    max_requests: u64,
-    /// Upper bound of the random extra requests added to `max_requests` per worker.
-    max_requests_jitter: u64,
-    /// Seconds without a heartbeat after which a worker is killed and replaced.
-    timeout: u64,
-    /// Seconds a stopping worker gets to finish its requests.
-    graceful_timeout: u64,
-    /// Seconds an idle keep-alive connection is kept; also the time a client has to send a
-    /// request's headers. 0 disables keep-alive.
-    keepalive: u64,
-    /// Listen backlog.
-    backlog: u64,
-    /// PID file, written atomically and removed on exit.
-    pidfile: PathBuf,
-    /// One SO_REUSEPORT listener per worker slot (TCP only).
-    reuse_port: bool,
-    /// Longest request line in bytes.
-    limit_request_line: u64,
-    /// Most header fields per request.
-    limit_request_fields: u64,
-    /// Longest header field in bytes.
-    limit_request_field_size: u64,
-    /// Directory of Parquet datasets.
-    data_dir: PathBuf,
-    /// Directory under which each worker gets its own DuckDB spill directory.
-    temp_dir: PathBuf,
-    /// DuckDB memory for the whole pool (divided among workers), e.g. "2GB".
-    duckdb_memory_limit: String,
-    /// DuckDB threads per worker; 0 means cores / workers (at least 1).
-    duckdb_threads: u64,
-    /// Rows a query result may have; more is cut and flagged truncated.
-    max_result_rows: u64,
-    /// Largest request body, e.g. "1MiB".
-    max_body_size: String,
-    /// Longest a query may run, in milliseconds (requests may ask for less).
-    query_timeout_ms: u64,
-    /// Queries one worker runs at once; 0 means its DuckDB threads.
-    max_concurrent_queries: u64,
-    /// Queries that may wait for a slot in one worker; more get 503 at once.
-    query_queue_depth: u64,
-    /// Longest wait for a query slot, in milliseconds, before 503.
-    query_queue_timeout_ms: u64,
-    /// Disk DuckDB may spill to, for the whole pool (divided among workers), e.g. "20GB";
-    /// unset keeps DuckDB's default (90 % of the free space).
-    duckdb_max_temp_size: String,
-    /// Directory of state that survives restarts: dataset snapshots and the result cache.
-    cache_dir: PathBuf,
-    /// How datasets are served: "auto" (a snapshot when the files fit the memory budget),
-    /// "snapshot" or "parquet".
-    storage: StorageMode,
-    /// Per-dataset options: `[datasets.NAME]` with `storage` and `sort_key`.
-    datasets: BTreeMap<String, DatasetOptions>,
-    /// The kernel's sandbox for workers: "auto" (Landlock where the kernel has it, else DuckDB's
-    /// settings alone, with a warning) or "required" (a worker without Landlock fails to boot).
-    sandbox: SandboxMode,
-    /// Keep query results in `cache_dir`, shared by all workers.
-    result_cache: bool,
-    /// Most bytes the result cache keeps on disk; least recently used entries go first.
-    result_cache_size: String,
-    /// Log level: debug, info, warning, error.
-    loglevel: String,
-    /// Error log file; "-" is standard error.
-    errorlog: String,
-    /// Access log: one line per request; "-" is standard output. Off when unset.
-    accesslog: String,
-}
-
-/// The origin of each key that a layer set.
-#[derive(Clone, Debug, Default)]
-pub struct Origins(BTreeMap<&'static str, Origin>);
-
-impl Origins {
-    pub fn get(&self, key: &str) -> Option<&Origin> {
-        self.0.get(key)
-    }
-}
-
 impl RawConfig {
-    /// The built-in defaults: the production numbers of the stack ferrocorn replaces.
-    pub fn defaults() -> Self {
-        Self {
-            bind: Some(vec!["127.0.0.1:8000".to_owned()]),
-            workers: Some(4),
-            worker_connections: Some(1000),
-            max_requests: Some(1000),
-            max_requests_jitter: Some(50),
-            timeout: Some(120),
-            graceful_timeout: Some(30),
-            keepalive: Some(5),
-            backlog: Some(2048),
-            pidfile: None,
-            reuse_port: Some(true),
-            limit_request_line: Some(4094),
-            limit_request_fields: Some(100),
-            limit_request_field_size: Some(8190),
-            data_dir: Some(PathBuf::from("data")),
-            temp_dir: Some(std::env::temp_dir()),
-            duckdb_memory_limit: Some("2GB".to_owned()),
-            duckdb_threads: Some(0),
-            max_result_rows: Some(1_000_000),
-            max_body_size: Some("1MiB".to_owned()),
-            query_timeout_ms: Some(30_000),
-            max_concurrent_queries: Some(0),
-            query_queue_depth: Some(16),
-            query_queue_timeout_ms: Some(2_000),
-            duckdb_max_temp_size: None,
-            cache_dir: Some(PathBuf::from("cache")),
-            storage: Some(StorageMode::Auto),
-            datasets: None,
-            sandbox: Some(SandboxMode::Auto),
-            result_cache: Some(true),
-            result_cache_size: Some("256MiB".to_owned()),
-            loglevel: Some("info".to_owned()),
-            errorlog: Some("-".to_owned()),
-            accesslog: None,
-        }
-    }
-
     /// Read a TOML file (syntax and types only).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::ReadFile {
@@ -263,15 +91,12 @@ impl RawConfig {
     pub fn from_env(env: &dyn Env) -> Result<Vec<(Self, Origin)>, ConfigError> {
         let mut layers = Vec::new();
         // The old stack's names first, so FERROCORN_* wins when both are set.
-        if let Some(value) = env.var("WORKERS") {
-            layers.push(env_layer("WORKERS", "workers", &value)?);
-        }
-        if let Some(value) = env.var("DUCKDB_MEMORY_LIMIT") {
-            layers.push(env_layer(
-                "DUCKDB_MEMORY_LIMIT",
-                "duckdb_memory_limit",
-                &value,
-            )?);
+        for key in Self::KEYS {
+            if let Some(var) = key.legacy_env
+                && let Some(value) = env.var(var)
+            {
+                layers.push(env_layer(var, key.name, &value)?);
+            }
         }
         if let Some(value) = env.var("DEBUG") {
             let debug = parse_bool(&value).ok_or_else(|| ConfigError::Env {
@@ -283,9 +108,9 @@ impl RawConfig {
             }
         }
         for key in Self::KEYS {
-            let var = format!("FERROCORN_{}", key.to_ascii_uppercase());
+            let var = format!("FERROCORN_{}", key.name.to_ascii_uppercase());
             if let Some(value) = env.var(&var) {
-                layers.push(env_layer(&var, key, &value)?);
+                layers.push(env_layer(&var, key.name, &value)?);
             }
         }
         Ok(layers)
@@ -705,11 +530,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 pub fn render(raw: &RawConfig, origins: &Origins) -> String {
     let table = toml::Table::try_from(raw).unwrap_or_default();
     let mut out = String::new();
-    for key in RawConfig::KEYS {
+    for key in RawConfig::KEYS.iter().map(|k| k.name) {
         let origin = origins
             .get(key)
             .map_or_else(|| "default".to_owned(), ToString::to_string);
-        match table.get(*key) {
+        match table.get(key) {
             Some(value) => out.push_str(&format!("{key} = {value}  # {origin}\n")),
             None => out.push_str(&format!("# {key} = (unset)  # {origin}\n")),
         }
@@ -923,7 +748,7 @@ mod tests {
                 workers: Some(7),
                 ..RawConfig::default()
             },
-            &Origin::Flag("--workers"),
+            &Origin::Flag("--workers".into()),
             &mut origins,
         );
         let text = render(&raw, &origins);

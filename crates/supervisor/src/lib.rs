@@ -46,6 +46,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod keys;
 pub mod listeners;
 pub mod logging;
 pub mod master;
@@ -124,7 +125,7 @@ pub fn main() -> i32 {
         eprintln!("ferrocorn: cannot open the error log: {e}");
         return EXIT_CANTCREAT;
     }
-    let master = match Master::start(cli, config) {
+    let master = match Master::start(cli, raw, config) {
         Ok(master) => master,
         Err(e) => {
             eprintln!("ferrocorn: {e}");

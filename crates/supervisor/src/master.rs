@@ -39,7 +39,7 @@ use nix::unistd::{ForkResult, Pid};
 use rand::Rng;
 
 use crate::cli::Cli;
-use crate::config::{Config, ProcessEnv};
+use crate::config::{Config, ProcessEnv, RawConfig};
 use crate::listeners::Listeners;
 use crate::pidfile::PidFile;
 use crate::{StartError, logging, sys};
@@ -127,6 +127,8 @@ struct MasterFds {
 #[derive(Debug)]
 pub struct Master {
     cli: Cli,
+    /// The configuration as loaded (its restart-only keys are kept across reloads).
+    raw: RawConfig,
     config: Config,
     generation: u64,
     desired: usize,
@@ -168,7 +170,7 @@ fn handled_signals() -> SigSet {
 
 impl Master {
     /// Bind, map the scoreboard, block signals and write the pid file. Forks nothing yet.
-    pub fn start(cli: Cli, config: Config) -> Result<Self, StartError> {
+    pub fn start(cli: Cli, raw: RawConfig, config: Config) -> Result<Self, StartError> {
         let signals = handled_signals();
         signals
             .thread_block()
@@ -193,6 +195,7 @@ impl Master {
         };
         Ok(Self {
             cli,
+            raw,
             desired: config.workers,
             config,
             generation: 1,
@@ -354,43 +357,29 @@ impl Master {
         if self.phase == MasterPhase::Stopping {
             return;
         }
-        let loaded = self
-            .cli
-            .load(&ProcessEnv)
-            .map_err(|e| e.to_string())
-            .and_then(|(raw, _)| Config::resolve(&raw).map_err(|e| e.to_string()));
-        let mut new = match loaded {
+        // A key that needs the sockets or the logger re-created keeps its running value.
+        let loaded = self.cli.load(&ProcessEnv).map_err(|e| e.to_string());
+        let (mut raw, kept) = match loaded {
+            Ok((mut raw, _)) => {
+                let kept = raw.keep_restart_only(&self.raw);
+                (raw, kept)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reload: invalid configuration; the running pool is unchanged");
+                return;
+            }
+        };
+        let new = match Config::resolve(&raw) {
             Ok(config) => config,
             Err(e) => {
                 tracing::error!(error = %e, "reload: invalid configuration; the running pool is unchanged");
                 return;
             }
         };
-        let mut needs_restart = Vec::new();
-        if new.binds != self.config.binds {
-            needs_restart.push("bind");
+        if !kept.is_empty() {
+            tracing::warn!(keys = ?kept, "reload: these keys take effect only after a restart; keeping their running values");
         }
-        if new.reuse_port != self.config.reuse_port {
-            needs_restart.push("reuse_port");
-        }
-        if new.backlog != self.config.backlog {
-            needs_restart.push("backlog");
-        }
-        if new.pidfile != self.config.pidfile {
-            needs_restart.push("pidfile");
-        }
-        if new.loglevel != self.config.loglevel || new.errorlog != self.config.errorlog {
-            needs_restart.push("loglevel/errorlog");
-        }
-        if !needs_restart.is_empty() {
-            tracing::warn!(keys = ?needs_restart, "reload: these keys take effect only after a restart; keeping their running values");
-            new.binds = self.config.binds.clone();
-            new.reuse_port = self.config.reuse_port;
-            new.backlog = self.config.backlog;
-            new.pidfile = self.config.pidfile.clone();
-            new.loglevel = self.config.loglevel.clone();
-            new.errorlog = self.config.errorlog.clone();
-        }
+        std::mem::swap(&mut self.raw, &mut raw);
         self.config = new;
         self.generation += 1;
         self.desired = self.config.workers;
