@@ -10,7 +10,10 @@
 //! - [`config`]: raw configuration (defaults, file, environment) and its resolution into
 //!   [`config::Config`].
 //! - [`listeners`]: binding TCP and unix sockets, per slot (`SO_REUSEPORT`) or shared.
-//! - [`master`]: the supervision loop, its lifecycle and the worker pool.
+//! - [`master`]: the supervision loop: turns signals, exits and the scoreboard into events, and
+//!   performs the pool's actions (fork, signal, steer, listeners, systemd).
+//! - [`pool`]: the pool's bookkeeping as a pure state machine (slots, successors, recycling,
+//!   reload rolls, scaling, crash backoff, lifecycle), driven by events.
 //! - [`logging`]: the log subscriber, reopened on SIGUSR1.
 //! - [`pidfile`]: the atomically written PID file.
 //! - [`sys`]: every `unsafe` call (fork, the shared mapping, the reuseport BPF program).
@@ -51,6 +54,7 @@ pub mod listeners;
 pub mod logging;
 pub mod master;
 pub mod pidfile;
+pub mod pool;
 mod sys;
 
 use std::path::PathBuf;

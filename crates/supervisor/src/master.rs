@@ -1,31 +1,18 @@
-//! The master process: supervision of the worker pool.
+//! The master process: the loop that supervises the worker pool.
 //!
 //! After start-up the master only watches. Its loop waits (with `poll`) on a `signalfd` and on a
-//! wake-up pipe the workers write to, then: handles signals, reaps exited children
-//! (`waitpid(-1)`), reads the scoreboard (workers becoming ready, asking for retirement), checks
-//! heartbeats, and reconciles the pool with what it should be ([`Master::reconcile`]).
-//!
-//! # Slots and replacement
-//!
-//! The pool is a list of slots. Each slot has at most one *serving* worker (always ready) and at
-//! most one *successor* (booting). Every new worker starts as a successor and is promoted when it
-//! reports ready; the worker it replaces is then told to drain (SIGTERM). So a slot is refilled,
-//! recycled (request budget), rolled (HUP) or grown the same way, and nothing is ever replaced by
-//! a worker that is not ready (invariant 3). Planned replacements run one at a time; refilling a
-//! slot that lost its worker is immediate (with exponential backoff on repeated crashes).
-//!
-//! # Lifecycle
-//!
-//! The master goes through [`MasterPhase`]s: `Starting` until every slot has a ready worker,
-//! `Running`, `Stopping` after TERM/INT/QUIT (or a fatal boot failure), `Exited`. Workers go
-//! through [`WorkerPhase`]s as the master sees them.
+//! wake-up pipe the workers write to, then turns what it finds into [`Event`]s for the
+//! [`Pool`]: signals, reaped children (`waitpid(-1)`), and what the scoreboard shows (a worker
+//! ready, asking for retirement, or silent past `timeout`), then a tick for the clock. What to do
+//! is the pool's decision ([`crate::pool`]); this module performs its [`Action`]s: forking a
+//! worker, signalling one, steering and opening or closing listeners, telling systemd.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use ferrocorn_query_core::{EngineSettings, StorageSettings};
-use ferrocorn_scoreboard::{MAX_RECORDS, MAX_WORKERS, RecordState, Scoreboard, monotonic_ms};
+use ferrocorn_scoreboard::{MAX_RECORDS, RecordState, Scoreboard, monotonic_ms};
 use ferrocorn_worker::AccessLogTarget;
 use ferrocorn_worker::QuerySettings;
 use ferrocorn_worker::ResultCacheSettings;
@@ -42,77 +29,21 @@ use crate::cli::Cli;
 use crate::config::{Config, ProcessEnv, RawConfig};
 use crate::listeners::Listeners;
 use crate::pidfile::PidFile;
+use crate::pool::{Action, Event, Notice, Phase, Pool};
 use crate::{StartError, logging, sys};
 
-/// The master's phases, in order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MasterPhase {
-    Starting,
-    Running,
-    Stopping,
-    Exited,
-}
-
-/// A worker's phase as the master tracks it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WorkerPhase {
-    Booting,
-    Ready,
-    Draining,
-    /// Missed its heartbeat; sent SIGABRT (then SIGKILL).
-    Killed,
-}
-
-/// Consecutive boot failures, with no worker ready in between, after which the master gives up.
-const CRASH_LOOP_LIMIT: u32 = 10;
-/// Time between SIGABRT and SIGKILL for a worker that missed its heartbeat.
-const KILL_GRACE: Duration = Duration::from_millis(500);
-/// Time a quick stop (INT/QUIT) gives workers before SIGKILL.
-const QUICK_STOP_GRACE: Duration = Duration::from_secs(2);
 /// How long the master sleeps at most between two looks at the pool.
 const TICK: Duration = Duration::from_millis(100);
-/// A worker that served this long before it crashed resets its slot's backoff.
-const STABLE_AFTER: Duration = Duration::from_secs(10);
 
+/// A forked worker, as far as the master's own bookkeeping goes (the pool has the rest).
 #[derive(Debug)]
-struct WorkerProc {
-    slot: usize,
+struct Child {
+    /// Its scoreboard record.
     record: usize,
-    generation: u64,
-    phase: WorkerPhase,
-    spawned: Instant,
-    ready_at: Option<Instant>,
-    since: Instant,
-    kill_sent: bool,
-    retire_noted: bool,
-}
-
-#[derive(Debug)]
-struct Slot {
-    serving: Option<Pid>,
-    successor: Option<Pid>,
-    failures: u32,
-    not_before: Option<Instant>,
-    ever_ready: bool,
-}
-
-impl Slot {
-    fn new() -> Self {
-        Self {
-            serving: None,
-            successor: None,
-            failures: 0,
-            not_before: None,
-            ever_ready: false,
-        }
-    }
-}
-
-/// A removed slot whose sockets stay open until its workers have drained them.
-#[derive(Debug)]
-struct RetiringSlot {
-    index: usize,
-    _sockets: Vec<OwnedFd>,
+    /// Already reported to the pool: ready, asking for retirement, silent.
+    ready_seen: bool,
+    retire_seen: bool,
+    silent_seen: bool,
 }
 
 /// The file descriptors only the master uses (closed in every child).
@@ -130,23 +61,15 @@ pub struct Master {
     /// The configuration as loaded (its restart-only keys are kept across reloads).
     raw: RawConfig,
     config: Config,
-    generation: u64,
-    desired: usize,
-    phase: MasterPhase,
-    started: Instant,
-    stop_deadline: Option<Instant>,
-    exit_code: i32,
+    pool: Pool,
     scoreboard: &'static Scoreboard,
     listeners: Listeners,
-    slots: Vec<Slot>,
-    retiring: Vec<RetiringSlot>,
-    workers: BTreeMap<Pid, WorkerProc>,
+    /// Removed slots' listeners, open until their workers have drained them.
+    retiring: BTreeMap<usize, Vec<OwnedFd>>,
+    children: BTreeMap<Pid, Child>,
     fds: Option<MasterFds>,
-    steered: usize,
-    ever_ready: bool,
-    boot_failures_in_a_row: u32,
-    reload_pending: bool,
     pidfile: Option<PidFile>,
+    exit_code: Option<i32>,
 }
 
 /// The signals the master handles; blocked and read through a signalfd.
@@ -196,63 +119,122 @@ impl Master {
         Ok(Self {
             cli,
             raw,
-            desired: config.workers,
+            pool: Pool::new(config.workers, config.graceful_timeout, Instant::now()),
             config,
-            generation: 1,
-            phase: MasterPhase::Starting,
-            started: Instant::now(),
-            stop_deadline: None,
-            exit_code: 0,
             scoreboard,
             listeners,
-            slots: Vec::new(),
-            retiring: Vec::new(),
-            workers: BTreeMap::new(),
+            retiring: BTreeMap::new(),
+            children: BTreeMap::new(),
             fds: Some(MasterFds {
                 signals: signal_fd,
                 wake_read,
                 wake_write,
             }),
-            steered: 0,
-            ever_ready: false,
-            boot_failures_in_a_row: 0,
-            reload_pending: false,
             pidfile,
+            exit_code: None,
         })
-    }
-
-    fn enter(&mut self, phase: MasterPhase) {
-        if self.phase != phase || phase == MasterPhase::Starting {
-            tracing::info!(pid = std::process::id(), phase = ?phase, "master phase");
-        }
-        self.phase = phase;
     }
 
     /// Supervise until stopped; returns the process exit code.
     pub fn run(mut self) -> i32 {
-        self.enter(MasterPhase::Starting);
-        tracing::info!(
-            pid = std::process::id(),
-            workers = self.desired,
-            "master starting"
-        );
-        for _ in 0..self.desired {
-            self.slots.push(Slot::new());
-        }
+        self.dispatch(Event::Tick);
         loop {
-            self.reconcile();
-            if self.phase == MasterPhase::Stopping && self.workers.is_empty() {
-                break;
+            if let Some(code) = self.exit_code {
+                self.listeners.remove_socket_files();
+                return code;
             }
             self.wait();
             self.handle_signals();
             self.reap();
             self.observe();
-            self.check_deadlines();
+            self.dispatch(Event::Tick);
         }
-        self.listeners.remove_socket_files();
-        self.enter(MasterPhase::Exited);
-        self.exit_code
+    }
+
+    /// Hand `event` to the pool and perform what it decides, and what follows from that.
+    fn dispatch(&mut self, event: Event) {
+        let mut queue = VecDeque::from(self.pool.handle(event, Instant::now()));
+        while let Some(action) = queue.pop_front() {
+            if let Some(answer) = self.perform(action) {
+                queue.extend(self.pool.handle(answer, Instant::now()));
+            }
+        }
+    }
+
+    /// Perform one action; returns the event that answers it, if it has one.
+    fn perform(&mut self, action: Action) -> Option<Event> {
+        match action {
+            Action::Spawn { slot, generation } => Some(match self.spawn(slot, generation) {
+                Ok(pid) => Event::Spawned { slot, pid },
+                Err(e) => {
+                    tracing::error!(slot, error = %e, "cannot fork a worker");
+                    Event::SpawnFailed { slot }
+                }
+            }),
+            Action::Signal { pid, signal } => {
+                let _ = kill(pid, signal);
+                None
+            }
+            Action::Abort { pid, slot } => {
+                if let Some(child) = self.children.get(&pid) {
+                    let record = self.record(child.record);
+                    tracing::error!(
+                        slot,
+                        pid = pid.as_raw(),
+                        silent_ms = monotonic_ms().saturating_sub(record.last_heartbeat_ms()),
+                        serving = %record.current_request(),
+                        in_flight = record.in_flight(),
+                        "WORKER TIMEOUT"
+                    );
+                }
+                let _ = kill(pid, Signal::SIGABRT);
+                None
+            }
+            Action::Steer { active } => {
+                if let Err(e) = self.listeners.steer(active) {
+                    tracing::warn!(error = %e, "cannot steer SO_REUSEPORT listeners");
+                }
+                None
+            }
+            Action::AddSlot => Some(Event::SlotAdded {
+                ok: match self.listeners.add_slot() {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot add a listener for a new slot");
+                        false
+                    }
+                },
+            }),
+            Action::RemoveSlot { slot } => {
+                self.retiring
+                    .insert(slot, self.listeners.remove_last_slot());
+                None
+            }
+            Action::CloseSlot { slot } => {
+                self.retiring.remove(&slot);
+                None
+            }
+            Action::Notify(notice) => {
+                let state = match notice {
+                    Notice::Ready => sd_notify::NotifyState::Ready,
+                    Notice::Reloading => sd_notify::NotifyState::Reloading,
+                    Notice::Stopping => sd_notify::NotifyState::Stopping,
+                };
+                let _ = sd_notify::notify(&[state]);
+                None
+            }
+            Action::Fatal { reason } => {
+                if self.config.errorlog.is_some() {
+                    // The log goes to a file: the operator's terminal gets the reason too.
+                    eprintln!("ferrocorn: {reason}");
+                }
+                None
+            }
+            Action::Exit { code } => {
+                self.exit_code = Some(code);
+                None
+            }
+        }
     }
 
     fn wait(&mut self) {
@@ -284,23 +266,15 @@ impl Master {
                 tracing::info!(signal = %signal, "master received signal");
             }
             match signal {
-                Signal::SIGTERM => self.begin_stop(false),
-                Signal::SIGINT | Signal::SIGQUIT => self.begin_stop(true),
+                Signal::SIGTERM => self.dispatch(Event::Stop { quick: false }),
+                Signal::SIGINT | Signal::SIGQUIT => self.dispatch(Event::Stop { quick: true }),
                 Signal::SIGHUP => self.reload(),
-                Signal::SIGTTIN => {
-                    if self.desired < MAX_WORKERS {
-                        self.desired += 1;
-                    }
-                    tracing::info!(workers = self.desired, "pool size");
-                }
-                Signal::SIGTTOU => {
-                    self.desired = self.desired.saturating_sub(1).max(1);
-                    tracing::info!(workers = self.desired, "pool size");
-                }
+                Signal::SIGTTIN => self.dispatch(Event::Grow),
+                Signal::SIGTTOU => self.dispatch(Event::Shrink),
                 Signal::SIGUSR1 => {
                     logging::reopen();
                     tracing::info!("master reopened log files");
-                    self.signal_all(Signal::SIGUSR1);
+                    self.dispatch(Event::ReopenLogs);
                 }
                 Signal::SIGUSR2 => {
                     tracing::warn!(
@@ -312,49 +286,8 @@ impl Master {
         }
     }
 
-    fn signal_all(&self, signal: Signal) {
-        for pid in self.workers.keys() {
-            let _ = kill(*pid, signal);
-        }
-    }
-
-    fn begin_stop(&mut self, quick: bool) {
-        if self.phase == MasterPhase::Stopping && !quick {
-            return;
-        }
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-        let grace = if quick {
-            QUICK_STOP_GRACE
-        } else {
-            self.config.graceful_timeout
-        };
-        let deadline = Instant::now() + grace;
-        self.stop_deadline = Some(
-            self.stop_deadline
-                .map_or(deadline, |existing| existing.min(deadline)),
-        );
-        self.enter(MasterPhase::Stopping);
-        tracing::info!(
-            quick,
-            grace_ms = grace.as_millis() as u64,
-            "stopping workers"
-        );
-        let signal = if quick {
-            Signal::SIGQUIT
-        } else {
-            Signal::SIGTERM
-        };
-        for (pid, worker) in &mut self.workers {
-            let _ = kill(*pid, signal);
-            if worker.phase != WorkerPhase::Killed {
-                worker.phase = WorkerPhase::Draining;
-                worker.since = Instant::now();
-            }
-        }
-    }
-
     fn reload(&mut self) {
-        if self.phase == MasterPhase::Stopping {
+        if matches!(self.pool.phase(), Phase::Stopping | Phase::Exited) {
             return;
         }
         // A key that needs the sockets or the logger re-created keeps its running value.
@@ -381,15 +314,10 @@ impl Master {
         }
         std::mem::swap(&mut self.raw, &mut raw);
         self.config = new;
-        self.generation += 1;
-        self.desired = self.config.workers;
-        self.reload_pending = true;
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
-        tracing::info!(
-            generation = self.generation,
-            workers = self.desired,
-            "reloading: rolling every worker"
-        );
+        self.dispatch(Event::Reload {
+            workers: self.config.workers,
+            graceful_timeout: self.config.graceful_timeout,
+        });
     }
 
     /// Reap every exited child (any child: as PID 1 the master also reaps orphans).
@@ -409,6 +337,24 @@ impl Master {
                 }
             }
         }
+    }
+
+    fn on_exit(&mut self, pid: Pid, status: WaitStatus) {
+        let Some(child) = self.children.remove(&pid) else {
+            tracing::debug!(%pid, ?status, "reaped a process that was not a worker");
+            return;
+        };
+        self.remove_spill_dir(pid);
+        let record = self.record(child.record);
+        let boot_failure = (record.state() == RecordState::BootFailed
+            || matches!(status, WaitStatus::Exited(_, EXIT_BOOT_FAILED)))
+        .then(|| record.message());
+        record.free();
+        self.dispatch(Event::Exited {
+            pid,
+            status: describe(status),
+            boot_failure,
+        });
     }
 
     /// The spill directory of a worker: its own, under `temp_dir`.
@@ -435,340 +381,46 @@ impl Master {
         }
     }
 
-    fn on_exit(&mut self, pid: Pid, status: WaitStatus) {
-        let Some(worker) = self.workers.remove(&pid) else {
-            tracing::debug!(%pid, ?status, "reaped a process that was not a worker");
-            return;
-        };
-        self.remove_spill_dir(pid);
-        let record = self.record(worker.record);
-        let boot_failed = worker.ready_at.is_none()
-            && (record.state() == RecordState::BootFailed
-                || matches!(status, WaitStatus::Exited(_, EXIT_BOOT_FAILED)));
-        let reason = record.message();
-        record.free();
-        let description = describe(status);
-        let expected = matches!(worker.phase, WorkerPhase::Draining | WorkerPhase::Killed);
-        if expected {
-            tracing::info!(slot = worker.slot, pid = pid.as_raw(), status = %description, "worker exited");
-        } else if boot_failed {
-            tracing::error!(slot = worker.slot, pid = pid.as_raw(), status = %description, reason = %reason, "worker failed to boot");
-        } else {
-            tracing::warn!(slot = worker.slot, pid = pid.as_raw(), status = %description, "worker died unexpectedly");
-        }
-        if let Some(slot) = self.slots.get_mut(worker.slot) {
-            if slot.serving == Some(pid) {
-                slot.serving = None;
-            }
-            if slot.successor == Some(pid) {
-                slot.successor = None;
-            }
-            if !expected {
-                note_failure(slot, &worker);
-            }
-        }
-        if boot_failed && self.phase != MasterPhase::Stopping {
-            self.boot_failures_in_a_row += 1;
-            let serving = self.slots.iter().any(|s| s.serving.is_some());
-            if !self.ever_ready {
-                self.fail(format!("worker failed to boot: {reason}"));
-            } else if !serving && self.boot_failures_in_a_row >= CRASH_LOOP_LIMIT {
-                self.fail(format!(
-                    "no worker serving and {} boots failed in a row; last: {reason}",
-                    self.boot_failures_in_a_row
-                ));
-            }
-        }
-    }
-
-    fn fail(&mut self, reason: String) {
-        tracing::error!(reason = %reason, "stopping the pool");
-        if self.config.errorlog.is_some() {
-            // The log goes to a file: the operator's terminal gets the reason too.
-            eprintln!("ferrocorn: {reason}");
-        }
-        self.exit_code = EXIT_BOOT_FAILED;
-        self.begin_stop(true);
-    }
-
     fn record(&self, index: usize) -> &'static ferrocorn_scoreboard::WorkerRecord {
         let scoreboard = self.scoreboard;
         // Indices come from `free_record`, which only hands out valid ones.
         &scoreboard.records()[index]
     }
 
-    /// Read what the workers published: readiness and retirement requests.
+    /// Report what the workers published since the last look: readiness, retirement requests,
+    /// and heartbeats older than `timeout`.
     fn observe(&mut self) {
-        let mut became_ready = Vec::new();
-        for (pid, worker) in &mut self.workers {
-            let record = &self.scoreboard.records()[worker.record];
-            if worker.phase == WorkerPhase::Booting && record.state() == RecordState::Ready {
-                worker.phase = WorkerPhase::Ready;
-                worker.ready_at = Some(Instant::now());
-                worker.since = Instant::now();
-                tracing::info!(
-                    slot = worker.slot,
-                    pid = pid.as_raw(),
-                    boot_ms = worker.spawned.elapsed().as_millis() as u64,
-                    "worker ready"
-                );
-                became_ready.push(*pid);
-            }
-            if worker.phase == WorkerPhase::Ready
-                && !worker.retire_noted
-                && record.retirement_requested()
-            {
-                worker.retire_noted = true;
-                tracing::info!(
-                    slot = worker.slot,
-                    pid = pid.as_raw(),
-                    requests = record.requests(),
-                    "worker reached its request budget; recycling"
-                );
-            }
-        }
-        for pid in became_ready {
-            self.promote(pid);
-        }
-        if self.phase == MasterPhase::Starting && self.slots.iter().all(|s| s.serving.is_some()) {
-            tracing::info!(
-                workers = self.slots.len(),
-                elapsed_ms = self.started.elapsed().as_millis() as u64,
-                "all workers ready"
-            );
-            self.enter(MasterPhase::Running);
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-        }
-        if self.reload_pending
-            && self.phase == MasterPhase::Running
-            && self.slots.len() == self.desired
-            && self.slots.iter().all(|s| {
-                s.successor.is_none()
-                    && s.serving
-                        .and_then(|pid| self.workers.get(&pid))
-                        .is_some_and(|w| w.generation == self.generation)
-            })
-        {
-            self.reload_pending = false;
-            tracing::info!(generation = self.generation, "reload complete");
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-        }
-    }
-
-    /// A worker is ready: it becomes its slot's serving worker, and the one it replaces drains.
-    fn promote(&mut self, pid: Pid) {
-        self.ever_ready = true;
-        self.boot_failures_in_a_row = 0;
-        let Some(slot_index) = self.workers.get(&pid).map(|w| w.slot) else {
-            return;
-        };
-        let Some(slot) = self.slots.get_mut(slot_index) else {
-            return;
-        };
-        if slot.successor != Some(pid) {
-            return;
-        }
-        slot.successor = None;
-        slot.ever_ready = true;
-        let replaced = slot.serving.replace(pid);
-        if let Some(old) = replaced {
-            self.drain(old, "replaced by a ready successor");
-        }
-        self.update_steering();
-    }
-
-    fn drain(&mut self, pid: Pid, why: &str) {
-        if let Some(worker) = self.workers.get_mut(&pid) {
-            if matches!(worker.phase, WorkerPhase::Draining | WorkerPhase::Killed) {
-                return;
-            }
-            tracing::info!(
-                slot = worker.slot,
-                pid = pid.as_raw(),
-                why,
-                "worker draining"
-            );
-            worker.phase = WorkerPhase::Draining;
-            worker.since = Instant::now();
-            let _ = kill(pid, Signal::SIGTERM);
-        }
-    }
-
-    /// Steer new connections to the leading slots whose first worker is ready.
-    fn update_steering(&mut self) {
-        let active = self.slots.iter().take_while(|s| s.ever_ready).count();
-        if active != self.steered && active > 0 {
-            match self.listeners.steer(active) {
-                Ok(()) => self.steered = active,
-                Err(e) => tracing::warn!(error = %e, "cannot steer SO_REUSEPORT listeners"),
-            }
-        }
-    }
-
-    /// Heartbeats, drain deadlines, kill escalation, stop deadline.
-    fn check_deadlines(&mut self) {
         let now_ms = monotonic_ms();
         let timeout_ms = self.config.timeout.as_millis() as u64;
-        let mut timed_out = Vec::new();
-        for (pid, worker) in &mut self.workers {
-            let record = &self.scoreboard.records()[worker.record];
-            match worker.phase {
-                WorkerPhase::Killed => {
-                    if !worker.kill_sent && worker.since.elapsed() >= KILL_GRACE {
-                        worker.kill_sent = true;
-                        let _ = kill(*pid, Signal::SIGKILL);
-                    }
-                }
-                WorkerPhase::Draining
-                    if worker.since.elapsed() > self.config.graceful_timeout + KILL_GRACE =>
-                {
-                    if !worker.kill_sent {
-                        tracing::warn!(
-                            slot = worker.slot,
-                            pid = pid.as_raw(),
-                            "worker did not finish draining in time; killing"
-                        );
-                        worker.kill_sent = true;
-                        let _ = kill(*pid, Signal::SIGKILL);
-                    }
-                }
-                _ => {
-                    let silent_ms = now_ms.saturating_sub(record.last_heartbeat_ms());
-                    if silent_ms > timeout_ms {
-                        tracing::error!(
-                            slot = worker.slot,
-                            pid = pid.as_raw(),
-                            silent_ms,
-                            serving = %record.current_request(),
-                            in_flight = record.in_flight(),
-                            "WORKER TIMEOUT"
-                        );
-                        let _ = kill(*pid, Signal::SIGABRT);
-                        worker.phase = WorkerPhase::Killed;
-                        worker.since = Instant::now();
-                        timed_out.push(*pid);
-                    }
-                }
+        let mut events = Vec::new();
+        for (pid, child) in &mut self.children {
+            let record = &self.scoreboard.records()[child.record];
+            if !child.ready_seen && record.state() == RecordState::Ready {
+                child.ready_seen = true;
+                events.push(Event::Ready(*pid));
+            }
+            if child.ready_seen && !child.retire_seen && record.retirement_requested() {
+                child.retire_seen = true;
+                events.push(Event::RetirementRequested {
+                    pid: *pid,
+                    requests: record.requests(),
+                });
+            }
+            if !child.silent_seen && now_ms.saturating_sub(record.last_heartbeat_ms()) > timeout_ms
+            {
+                child.silent_seen = true;
+                events.push(Event::Silent(*pid));
             }
         }
-        for pid in timed_out {
-            let Some(worker) = self.workers.get(&pid) else {
-                continue;
-            };
-            if let Some(slot) = self.slots.get_mut(worker.slot) {
-                if slot.serving == Some(pid) {
-                    slot.serving = None;
-                }
-                if slot.successor == Some(pid) {
-                    slot.successor = None;
-                }
-                note_failure(slot, worker);
-            }
-        }
-        if let Some(deadline) = self.stop_deadline
-            && Instant::now() >= deadline
-        {
-            for (pid, worker) in &mut self.workers {
-                if !worker.kill_sent {
-                    tracing::warn!(
-                        slot = worker.slot,
-                        pid = pid.as_raw(),
-                        "stop deadline passed; killing worker"
-                    );
-                    worker.kill_sent = true;
-                    let _ = kill(*pid, Signal::SIGKILL);
-                }
-            }
-        }
-    }
-
-    /// Bring the pool to what it should be: size, refills, planned replacements.
-    fn reconcile(&mut self) {
-        if self.phase == MasterPhase::Stopping {
-            return;
-        }
-        self.resize();
-        let now = Instant::now();
-        let mut planned_in_progress = self
-            .slots
-            .iter()
-            .any(|s| s.successor.is_some() && s.serving.is_some());
-        for index in 0..self.slots.len() {
-            let slot = &self.slots[index];
-            if slot.successor.is_some() {
-                continue;
-            }
-            let spawn = match slot.serving {
-                None => slot.not_before.is_none_or(|t| now >= t),
-                Some(pid) => {
-                    let stale = self
-                        .workers
-                        .get(&pid)
-                        .is_some_and(|w| w.retire_noted || w.generation < self.generation);
-                    if stale && !planned_in_progress {
-                        planned_in_progress = true;
-                        true
-                    } else {
-                        false
-                    }
-                }
-            };
-            if spawn {
-                match self.spawn(index) {
-                    Ok(pid) => self.slots[index].successor = Some(pid),
-                    Err(e) => {
-                        tracing::error!(slot = index, error = %e, "cannot fork a worker");
-                        let slot = &mut self.slots[index];
-                        slot.failures += 1;
-                        slot.not_before = Some(now + backoff(slot.failures));
-                    }
-                }
-            }
-        }
-        // A removed slot's sockets close once none of its workers is left.
-        let workers = &self.workers;
-        self.retiring
-            .retain(|r| workers.values().any(|w| w.slot == r.index));
-    }
-
-    fn resize(&mut self) {
-        let mut to_drain = Vec::new();
-        while self.slots.len() > self.desired {
-            let index = self.slots.len() - 1;
-            let Some(slot) = self.slots.pop() else { break };
-            to_drain.extend(slot.serving);
-            to_drain.extend(slot.successor);
-            self.retiring.push(RetiringSlot {
-                index,
-                _sockets: self.listeners.remove_last_slot(),
-            });
-            tracing::info!(slot = index, "removing slot");
-        }
-        if !to_drain.is_empty() {
-            // Steer away first, then drain: the draining worker empties the slot's queue.
-            self.steered = 0;
-            self.update_steering();
-            for pid in to_drain {
-                self.drain(pid, "slot removed");
-            }
-        }
-        // Growing waits until removed slots are gone, so that slot i stays socket i of its
-        // SO_REUSEPORT group.
-        while self.slots.len() < self.desired && self.retiring.is_empty() {
-            if let Err(e) = self.listeners.add_slot() {
-                tracing::error!(error = %e, "cannot add a listener for a new slot");
-                self.desired = self.slots.len();
-                break;
-            }
-            tracing::info!(slot = self.slots.len(), "adding slot");
-            self.slots.push(Slot::new());
+        for event in events {
+            self.dispatch(event);
         }
     }
 
     fn free_record(&self) -> Option<usize> {
         (0..MAX_RECORDS).find(|&i| {
             self.scoreboard.records()[i].state() == RecordState::Free
-                && !self.workers.values().any(|w| w.record == i)
+                && !self.children.values().any(|c| c.record == i)
         })
     }
 
@@ -809,7 +461,7 @@ impl Master {
         }
     }
 
-    fn spawn(&mut self, slot: usize) -> std::io::Result<Pid> {
+    fn spawn(&mut self, slot: usize, generation: u64) -> std::io::Result<Pid> {
         let record_index = self
             .free_record()
             .ok_or_else(|| std::io::Error::other("no free scoreboard record"))?;
@@ -822,7 +474,7 @@ impl Master {
         let budget = (self.config.max_requests > 0).then(|| {
             self.config.max_requests + rand::rng().random_range(0..=self.config.max_requests_jitter)
         });
-        let workers = self.desired.max(1);
+        let workers = self.pool.desired().max(1);
         let memory_limit_bytes = self.config.worker_memory_limit_bytes(workers);
         let threads = self.config.worker_threads(workers);
         let settings = self.worker_settings(budget, threads);
@@ -835,23 +487,17 @@ impl Master {
                 tracing::info!(
                     slot,
                     pid = child.as_raw(),
-                    generation = self.generation,
+                    generation,
                     budget,
                     "worker spawned"
                 );
-                let now = Instant::now();
-                self.workers.insert(
+                self.children.insert(
                     child,
-                    WorkerProc {
-                        slot,
+                    Child {
                         record: record_index,
-                        generation: self.generation,
-                        phase: WorkerPhase::Booting,
-                        spawned: now,
-                        ready_at: None,
-                        since: now,
-                        kill_sent: false,
-                        retire_noted: false,
+                        ready_seen: false,
+                        retire_seen: false,
+                        silent_seen: false,
                     },
                 );
                 Ok(child)
@@ -898,6 +544,7 @@ impl Master {
         std::mem::forget(self.pidfile.take());
         self.fds = None;
         self.retiring.clear();
+        self.children.clear();
         self.listeners = Listeners::empty();
         let _ =
             nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
@@ -907,24 +554,6 @@ impl Master {
             std::process::exit(0);
         }
     }
-}
-
-fn note_failure(slot: &mut Slot, worker: &WorkerProc) {
-    if worker.ready_at.is_some_and(|t| t.elapsed() >= STABLE_AFTER) {
-        slot.failures = 0;
-    }
-    slot.failures += 1;
-    slot.not_before = Some(Instant::now() + backoff(slot.failures));
-}
-
-/// Delay before refilling a slot after its `failures`-th consecutive failure: none for the first,
-/// then 100 ms doubling up to 10 s.
-fn backoff(failures: u32) -> Duration {
-    if failures <= 1 {
-        return Duration::ZERO;
-    }
-    let exp = (failures - 2).min(7);
-    (Duration::from_millis(100) * 2u32.pow(exp)).min(Duration::from_secs(10))
 }
 
 fn describe(status: WaitStatus) -> String {
@@ -937,19 +566,5 @@ fn describe(status: WaitStatus) -> String {
             )
         }
         other => format!("{other:?}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_is_immediate_then_exponential_and_capped() {
-        assert_eq!(backoff(1), Duration::ZERO);
-        assert_eq!(backoff(2), Duration::from_millis(100));
-        assert_eq!(backoff(3), Duration::from_millis(200));
-        assert_eq!(backoff(9), Duration::from_millis(10_000));
-        assert_eq!(backoff(50), Duration::from_secs(10));
     }
 }
