@@ -1,6 +1,6 @@
 //! Every configuration key, declared once.
 //!
-//! One table ([`keys!`] below) gives each key its name, type, built-in default, flag, the old
+//! One table (`keys!` below) gives each key its name, type, built-in default, flag, the old
 //! stack's environment name if it had one, whether it needs a restart, and its documentation.
 //! From it come: [`RawConfig`] (a layer, every key optional, as the TOML file, the environment
 //! and the flags are read), its [`RawConfig::defaults`], [`KeyFlags`] (the command-line flags,

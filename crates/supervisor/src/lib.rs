@@ -7,6 +7,7 @@
 //! # Layout
 //!
 //! - [`cli`]: command-line flags, and loading every configuration layer.
+//! - [`keys`]: every configuration key, declared once (raw layer, defaults, flags, docs).
 //! - [`config`]: raw configuration (defaults, file, environment) and its resolution into
 //!   [`config::Config`].
 //! - [`listeners`]: binding TCP and unix sockets, per slot (`SO_REUSEPORT`) or shared.
@@ -16,7 +17,7 @@
 //!   reload rolls, scaling, crash backoff, lifecycle), driven by events.
 //! - [`logging`]: the log subscriber, reopened on SIGUSR1.
 //! - [`pidfile`]: the atomically written PID file.
-//! - [`sys`]: every `unsafe` call (fork, the shared mapping, the reuseport BPF program).
+//! - [`sys`]: every `unsafe` call of the supervisor (fork, the reuseport BPF program).
 //!
 //! # Fork rules
 //!

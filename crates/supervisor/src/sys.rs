@@ -1,4 +1,5 @@
-//! Every `unsafe` operation of ferrocorn, in one place.
+//! Every `unsafe` operation of the supervisor, in one place (the scoreboard's mapping is the
+//! scoreboard crate's).
 //!
 //! - [`fork`]: forking a worker (sound only because the master is single-threaded, see the
 //!   crate docs);
