@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::support::{self, Load, Setup, get, poll_until, proc_status};
+use crate::support::{self, Conn, Load, Setup, get, poll_until, proc_status};
 
 #[test]
 fn master_is_single_threaded_and_workers_are_its_children() {
@@ -60,10 +60,13 @@ fn no_failed_request_across_recycling_resizing_and_reload() {
     let setup = Setup::new()
         .key("workers", "2")
         .key("max_requests", "300")
-        .key("max_requests_jitter", "50");
+        .key("max_requests_jitter", "50")
+        .key("recycle_interval", "0");
     let config_path = setup.config_path();
     let server = setup.start();
-    let load = Load::start(server.addr(), 4);
+    // The request budget counts API requests only; health probes come along.
+    let load = Load::start_on(server.addr(), 3, "/v1/datasets");
+    let probes = Load::start(server.addr(), 1);
 
     // Recycling: several workers reach their budget and are replaced.
     server.wait_log(&["recycling"], 20, Duration::from_secs(120));
@@ -89,7 +92,11 @@ fn no_failed_request_across_recycling_resizing_and_reload() {
     server.signal(Signal::SIGHUP);
     server.wait_log(&["reload complete"], 1, Duration::from_secs(90));
 
-    let stats = load.stop();
+    let mut stats = load.stop();
+    let probed = probes.stop();
+    stats.ok += probed.ok;
+    stats.errors.extend(probed.errors);
+    stats.pids.extend(probed.pids);
     // Without load no worker reaches its budget, so the pool settles at exactly three.
     poll_until("three workers", Duration::from_secs(30), || {
         (server.workers().len() == 3).then_some(())
@@ -110,6 +117,37 @@ fn no_failed_request_across_recycling_resizing_and_reload() {
     );
     assert!(stats.ok > 1000, "the load ran: {} requests", stats.ok);
     assert!(recycles >= 20);
+}
+
+#[test]
+fn the_request_budget_counts_api_requests_not_probes() {
+    let server = Setup::new()
+        .key("workers", "1")
+        .key("max_requests", "20")
+        .key("max_requests_jitter", "0")
+        .start();
+    let mut conn = Conn::open(server.addr()).expect("connect");
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+        "/nowhere",
+    ] {
+        for _ in 0..10 {
+            conn.get(path).expect("answered");
+        }
+    }
+    for _ in 0..19 {
+        assert_eq!(conn.get("/v1/datasets").expect("answered").status, 200);
+    }
+    assert_eq!(
+        server.count(&["recycling"]),
+        0,
+        "50 probes and 19 API requests"
+    );
+    assert_eq!(conn.get("/v1/datasets").expect("answered").status, 200);
+    server.wait_log(&["recycling"], 1, Duration::from_secs(10));
 }
 
 #[test]

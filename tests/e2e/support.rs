@@ -602,7 +602,8 @@ pub struct LoadStats {
     pub pids: BTreeSet<u64>,
 }
 
-/// Concurrent clients sending `GET /healthz` on keep-alive connections until stopped.
+/// Concurrent clients sending `GET /healthz` (or another path) on keep-alive connections until
+/// stopped.
 pub struct Load {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<LoadStats>>,
@@ -614,11 +615,16 @@ const LOAD_MAX_DURATION: Duration = Duration::from_secs(180);
 
 impl Load {
     pub fn start(addr: SocketAddr, clients: usize) -> Self {
+        Self::start_on(addr, clients, "/healthz")
+    }
+
+    /// Clients sending `GET path`, which must answer 200.
+    pub fn start_on(addr: SocketAddr, clients: usize, path: &'static str) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let threads = (0..clients)
             .map(|_| {
                 let stop = stop.clone();
-                std::thread::spawn(move || client_loop(addr, &stop))
+                std::thread::spawn(move || client_loop(addr, &stop, path))
             })
             .collect();
         Self { stop, threads }
@@ -637,7 +643,7 @@ impl Load {
     }
 }
 
-fn client_loop(addr: SocketAddr, stop: &AtomicBool) -> LoadStats {
+fn client_loop(addr: SocketAddr, stop: &AtomicBool, path: &str) -> LoadStats {
     let mut stats = LoadStats::default();
     let started = Instant::now();
     let mut conn: Option<Conn> = None;
@@ -658,7 +664,7 @@ fn client_loop(addr: SocketAddr, stop: &AtomicBool) -> LoadStats {
             },
         };
         let mut c = c;
-        match c.get("/healthz") {
+        match c.get(path) {
             Ok(response) if response.status == 200 => {
                 stats.ok += 1;
                 if let Some(pid) = response.json()["pid"].as_u64() {

@@ -226,6 +226,7 @@ pub struct Config {
     pub worker_connections: usize,
     pub max_requests: u64,
     pub max_requests_jitter: u64,
+    pub recycle_interval: Duration,
     pub timeout: Duration,
     pub graceful_timeout: Duration,
     pub keepalive: Duration,
@@ -303,6 +304,7 @@ impl Config {
         let worker_connections = ranged!(raw.worker_connections, 1..=1_000_000)?;
         let timeout = ranged!(raw.timeout, 1..=86_400)?;
         let graceful_timeout = ranged!(raw.graceful_timeout, 0..=86_400)?;
+        let recycle_interval = ranged!(raw.recycle_interval, 0..=86_400)?;
         let keepalive = ranged!(raw.keepalive, 0..=3600)?;
         let backlog = ranged!(raw.backlog, 1..=65_535)?;
         let limit_request_line = ranged!(raw.limit_request_line, 64..=65_536)?;
@@ -447,6 +449,7 @@ impl Config {
             worker_connections: worker_connections as usize,
             max_requests: require(&raw.max_requests, "max_requests")?,
             max_requests_jitter: require(&raw.max_requests_jitter, "max_requests_jitter")?,
+            recycle_interval: Duration::from_secs(recycle_interval),
             timeout: Duration::from_secs(timeout),
             graceful_timeout: Duration::from_secs(graceful_timeout),
             keepalive: Duration::from_secs(keepalive),

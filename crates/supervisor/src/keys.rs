@@ -153,13 +153,17 @@ keys! {
     worker_connections: u64 = Some(1000),
     arg(long),
     restart = false;
-    /// Requests after which a worker is replaced by a fresh one (0 disables).
+    /// API requests after which a worker is replaced by a fresh one (0 disables).
     max_requests: u64 = Some(1000),
     arg(long),
     restart = false;
     /// Random extra requests (0..=N) added to max_requests for each worker.
     max_requests_jitter: u64 = Some(50),
     arg(long),
+    restart = false;
+    /// Least seconds between the starts of two recycles in the pool (0: one at a time only).
+    recycle_interval: u64 = Some(10),
+    arg(long, value_name = "SECONDS"),
     restart = false;
     /// Seconds a worker may go without a heartbeat before it is killed and replaced.
     timeout: u64 = Some(120),

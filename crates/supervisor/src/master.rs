@@ -29,7 +29,7 @@ use crate::cli::Cli;
 use crate::config::{Config, ProcessEnv, RawConfig};
 use crate::listeners::Listeners;
 use crate::pidfile::PidFile;
-use crate::pool::{Action, Event, Notice, Phase, Pool};
+use crate::pool::{Action, Event, Notice, Phase, Pool, Timing};
 use crate::{StartError, logging, sys};
 
 /// How long the master sleeps at most between two looks at the pool.
@@ -119,7 +119,7 @@ impl Master {
         Ok(Self {
             cli,
             raw,
-            pool: Pool::new(config.workers, config.graceful_timeout, Instant::now()),
+            pool: Pool::new(config.workers, timing(&config), Instant::now()),
             config,
             scoreboard,
             listeners,
@@ -316,7 +316,7 @@ impl Master {
         self.config = new;
         self.dispatch(Event::Reload {
             workers: self.config.workers,
-            graceful_timeout: self.config.graceful_timeout,
+            timing: timing(&self.config),
         });
     }
 
@@ -553,6 +553,14 @@ impl Master {
         if nix::unistd::getppid() != master_pid {
             std::process::exit(0);
         }
+    }
+}
+
+/// The pool's clock settings from `config`.
+fn timing(config: &Config) -> Timing {
+    Timing {
+        graceful_timeout: config.graceful_timeout,
+        recycle_interval: config.recycle_interval,
     }
 }
 

@@ -13,7 +13,10 @@
 //! most one *successor* (booting). Every new worker starts as a successor and is promoted when it
 //! reports ready; the worker it replaces is then told to drain (SIGTERM). So a slot is refilled,
 //! recycled (request budget), rolled (HUP) or grown the same way, and nothing is ever replaced by
-//! a worker that is not ready (invariant 3). Planned replacements run one at a time; refilling a
+//! a worker that is not ready (invariant 3). Planned replacements run one at a time, and a
+//! recycle (a worker that served its request budget) starts no sooner than
+//! [`Timing::recycle_interval`] after the previous one, so the pool's recycling rate stays bounded
+//! whatever its request rate (a reload roll is not paced: the operator asked for it). Refilling a
 //! slot that lost its worker is immediate, with exponential backoff on repeated failures.
 //!
 //! Removing a slot (TTOU, a smaller pool after HUP) steers new connections away from it first,
@@ -68,10 +71,7 @@ pub enum Event {
     /// TERM (drain within `graceful_timeout`), or INT/QUIT (`quick`: within two seconds).
     Stop { quick: bool },
     /// HUP with a configuration that validated: a new generation of `workers` slots.
-    Reload {
-        workers: usize,
-        graceful_timeout: Duration,
-    },
+    Reload { workers: usize, timing: Timing },
     /// TTIN: one worker more.
     Grow,
     /// TTOU: one worker fewer (never fewer than one).
@@ -134,6 +134,15 @@ pub enum Notice {
     Ready,
     Reloading,
     Stopping,
+}
+
+/// The pool's clock settings (from the configuration; a reload may change them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    /// How long a draining worker has before it is killed (`graceful_timeout`).
+    pub graceful_timeout: Duration,
+    /// Least time between the starts of two recycles (`recycle_interval`).
+    pub recycle_interval: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,8 +214,10 @@ pub struct Pool {
     phase: Phase,
     generation: u64,
     desired: usize,
-    graceful_timeout: Duration,
+    timing: Timing,
     started: Instant,
+    /// When the last recycle's successor was spawned.
+    last_recycle: Option<Instant>,
     stop_deadline: Option<Instant>,
     exit_code: i32,
     slots: Vec<Slot>,
@@ -224,15 +235,16 @@ pub struct Pool {
 
 impl Pool {
     /// A pool of `workers` empty slots; the first event fills them.
-    pub fn new(workers: usize, graceful_timeout: Duration, now: Instant) -> Self {
+    pub fn new(workers: usize, timing: Timing, now: Instant) -> Self {
         tracing::info!(pid = std::process::id(), phase = ?Phase::Starting, "master phase");
         tracing::info!(pid = std::process::id(), workers, "master starting");
         Self {
             phase: Phase::Starting,
             generation: 1,
             desired: workers,
-            graceful_timeout,
+            timing,
             started: now,
+            last_recycle: None,
             stop_deadline: None,
             exit_code: 0,
             slots: (0..workers).map(|_| Slot::new()).collect(),
@@ -268,10 +280,7 @@ impl Pool {
     fn apply(&mut self, event: Event, now: Instant) {
         match event {
             Event::Stop { quick } => self.begin_stop(quick, now),
-            Event::Reload {
-                workers,
-                graceful_timeout,
-            } => self.reload(workers, graceful_timeout),
+            Event::Reload { workers, timing } => self.reload(workers, timing),
             Event::Grow => {
                 if self.phase != Phase::Stopping && self.desired < MAX_WORKERS {
                     self.desired += 1;
@@ -368,7 +377,7 @@ impl Pool {
         let grace = if quick {
             QUICK_STOP_GRACE
         } else {
-            self.graceful_timeout
+            self.timing.graceful_timeout
         };
         let deadline = now + grace;
         self.stop_deadline = Some(
@@ -395,13 +404,13 @@ impl Pool {
         }
     }
 
-    fn reload(&mut self, workers: usize, graceful_timeout: Duration) {
+    fn reload(&mut self, workers: usize, timing: Timing) {
         if self.phase == Phase::Stopping {
             return;
         }
         self.generation += 1;
         self.desired = workers.clamp(1, MAX_WORKERS);
-        self.graceful_timeout = graceful_timeout;
+        self.timing = timing;
         self.reload_pending = true;
         self.actions.push(Action::Notify(Notice::Reloading));
         tracing::info!(
@@ -574,7 +583,7 @@ impl Pool {
 
     /// Kill escalation, drain deadlines, the stop deadline.
     fn check_deadlines(&mut self, now: Instant) {
-        let drain_limit = self.graceful_timeout + KILL_GRACE;
+        let drain_limit = self.timing.graceful_timeout + KILL_GRACE;
         let stop_passed = self.stop_deadline.is_some_and(|deadline| now >= deadline);
         for (pid, worker) in &mut self.workers {
             if worker.kill_sent {
@@ -657,6 +666,9 @@ impl Pool {
             .slots
             .iter()
             .any(|s| s.successor.is_some() && s.serving.is_some());
+        let recycle_due = self
+            .last_recycle
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.timing.recycle_interval);
         for (index, slot) in self.slots.iter_mut().enumerate() {
             if slot.successor.is_some() || slot.not_before.is_some_and(|t| now < t) {
                 continue;
@@ -665,16 +677,17 @@ impl Pool {
                 // A refill is never held back by another slot's replacement.
                 None => true,
                 Some(pid) => {
-                    let stale = self
-                        .workers
-                        .get(&pid)
-                        .is_some_and(|w| w.retire_requested || w.generation < self.generation);
-                    if stale && !planned_in_progress {
+                    let (rolled, recycled) = self.workers.get(&pid).map_or((false, false), |w| {
+                        (w.generation < self.generation, w.retire_requested)
+                    });
+                    let start = !planned_in_progress && (rolled || (recycled && recycle_due));
+                    if start {
                         planned_in_progress = true;
-                        true
-                    } else {
-                        false
+                        if !rolled {
+                            self.last_recycle = Some(now);
+                        }
                     }
+                    start
                 }
             };
             if spawn {

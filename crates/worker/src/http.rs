@@ -23,7 +23,7 @@ use crate::api::{ColumnDoc, DatasetDoc, DatasetList, Health, Ready};
 use crate::openapi::ApiDoc;
 use crate::problem::{ApiError, Problem};
 use crate::settings::WorkerSettings;
-use crate::state::{AppState, refresh_catalog};
+use crate::state::{AppState, counts_toward_budget, refresh_catalog};
 
 /// The routes with their OpenAPI descriptions.
 fn documented_routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
@@ -79,18 +79,17 @@ async fn front_line(State(state): State<Arc<AppState>>, request: Request, next: 
             Ok(()) => {
                 PoolCounters::add(&state.pool().requests, 1);
                 let line = format!("{} {}", request.method(), request.uri());
-                let started = state.record.request_started(&line);
+                state.record.request_started(&line);
                 let _in_flight = InFlight(state.record);
-                if state
-                    .settings
-                    .request_budget
-                    .is_some_and(|budget| started >= budget)
+                if let Some(budget) = state.settings.request_budget
+                    && counts_toward_budget(request.uri().path())
+                    && state.budget_used.fetch_add(1, Ordering::Relaxed) + 1 >= budget
                     && state.record.request_retirement()
                 {
                     tracing::info!(
                         slot = state.slot,
                         pid = state.pid,
-                        requests = started,
+                        requests = budget,
                         "worker request budget spent; asking for a successor"
                     );
                     (state.on_budget_spent)();

@@ -2,7 +2,7 @@
 //! current.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use ferrocorn_query_core::Engine;
 use ferrocorn_scoreboard::{PoolCounters, Scoreboard, WorkerRecord};
@@ -33,6 +33,8 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// Called once when the request budget is spent.
     pub on_budget_spent: Box<dyn Fn() + Send + Sync>,
+    /// API requests received, the ones the request budget counts ([`counts_toward_budget`]).
+    pub budget_used: AtomicU64,
     /// Where request lines go, if anywhere.
     pub access_log: Option<AccessLog>,
     /// What enforces the worker's file-system boundary.
@@ -105,6 +107,7 @@ impl AppState {
             settings,
             draining: AtomicBool::new(false),
             on_budget_spent,
+            budget_used: AtomicU64::new(0),
             access_log,
             sandbox,
             request_ids: RequestIds::new(std::process::id()),
@@ -115,6 +118,13 @@ impl AppState {
     pub fn pool(&self) -> &'static PoolCounters {
         self.scoreboard.pool()
     }
+}
+
+/// Whether a request to `path` counts toward the worker's request budget (`max_requests`): the
+/// API's requests do, whatever their answer; probes, scrapes, the contract and unknown paths do
+/// no work that could leak, and counting them would tie recycling to the monitoring rate.
+pub fn counts_toward_budget(path: &str) -> bool {
+    path.starts_with("/v1/")
 }
 
 /// How often a worker may rescan the data directory for new or changed datasets.

@@ -8,6 +8,11 @@ use proptest::prelude::*;
 use super::*;
 
 const GRACE: Duration = Duration::from_secs(30);
+/// Unpaced recycling, unless a test says otherwise.
+const TIMING: Timing = Timing {
+    graceful_timeout: GRACE,
+    recycle_interval: Duration::ZERO,
+};
 
 /// A worker process as the model knows it.
 #[derive(Debug)]
@@ -39,7 +44,7 @@ impl World {
     fn new(workers: usize) -> Self {
         let now = Instant::now();
         let mut world = Self {
-            pool: Pool::new(workers, GRACE, now),
+            pool: Pool::new(workers, TIMING, now),
             now,
             next_pid: 100,
             live: BTreeMap::new(),
@@ -300,10 +305,8 @@ impl World {
     }
 
     fn hup(&mut self, workers: usize) {
-        self.send(Event::Reload {
-            workers,
-            graceful_timeout: GRACE,
-        });
+        let timing = self.pool.timing;
+        self.send(Event::Reload { workers, timing });
     }
 }
 
@@ -345,6 +348,59 @@ fn a_recycle_starts_the_successor_first_and_drains_the_old_worker_once_it_is_rea
     assert_eq!(world.signals(old), [Signal::SIGTERM]);
     world.exit(old, None);
     assert_eq!(world.spawns(), 3, "nothing else is replaced");
+}
+
+#[test]
+fn recycles_are_paced_pool_wide_but_a_reload_roll_is_not() {
+    let mut world = World::running(3);
+    world.pool.timing.recycle_interval = Duration::from_secs(10);
+    let first = world.serving_of(0);
+    world.send(Event::RetirementRequested {
+        pid: first,
+        requests: 1000,
+    });
+    let successor = world
+        .successor_of(0)
+        .expect("the first recycle starts at once");
+    world.ready(successor);
+    world.exit(first, None);
+    // Two more workers spent their budgets at once: the next recycle waits for the interval, and
+    // only one starts when it has passed.
+    let (second, third) = (world.serving_of(1), world.serving_of(2));
+    for pid in [second, third] {
+        world.send(Event::RetirementRequested {
+            pid,
+            requests: 1000,
+        });
+    }
+    world.advance(Duration::from_secs(9));
+    assert_eq!(
+        world.successor_of(1),
+        None,
+        "paced: too soon after the last"
+    );
+    assert_eq!(world.successor_of(2), None);
+    assert!(world.signals(second).is_empty(), "it serves on meanwhile");
+    world.advance(Duration::from_secs(1));
+    let next = world.successor_of(1).expect("the interval has passed");
+    assert_eq!(world.successor_of(2), None, "one at a time");
+    world.ready(next);
+    world.exit(second, None);
+    world.advance(Duration::from_secs(5));
+    assert_eq!(
+        world.successor_of(2),
+        None,
+        "the interval counts from the last start"
+    );
+    // A reload is the operator's: it rolls at once, one slot after another, unpaced.
+    world.hup(3);
+    for slot in 0..3 {
+        let old = world.serving_of(slot);
+        let successor = world.successor_of(slot).expect("the roll is not paced");
+        world.ready(successor);
+        world.exit(old, None);
+    }
+    assert_eq!(world.count(&Action::Notify(Notice::Ready)), 2);
 }
 
 #[test]
