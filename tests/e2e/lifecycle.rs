@@ -449,3 +449,60 @@ fn access_log_has_a_line_per_request_and_is_reopened_on_usr1() {
             .contains("req-42")
     );
 }
+
+/// The value of `key=` in a log line.
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|part| part.strip_prefix(key)?.strip_prefix('='))
+}
+
+#[test]
+fn a_successor_is_promoted_only_after_its_warm_up() {
+    let server = Setup::new()
+        .with_sample_data()
+        .key("workers", "1")
+        .key("max_requests", "5")
+        .key("max_requests_jitter", "0")
+        .key("recycle_interval", "0")
+        .key(
+            "datasets",
+            r#"{ orders = { warmup = ["SELECT sum(range) FROM range(200000000)"] } }"#,
+        )
+        .start();
+    let probes = Load::start(server.addr(), 2);
+    let mut conn = Conn::open(server.addr()).expect("connect");
+    for _ in 0..5 {
+        assert_eq!(conn.get("/v1/datasets").expect("answered").status, 200);
+    }
+    server.wait_log(&["worker ready"], 2, Duration::from_secs(60));
+    let stats = probes.stop();
+    assert!(
+        stats.errors.is_empty(),
+        "{:?}",
+        &stats.errors[..stats.errors.len().min(5)]
+    );
+
+    let log = server.log();
+    let lines: Vec<&str> = log.lines().collect();
+    let position = |parts: &[&str], pid: &str| {
+        lines
+            .iter()
+            .position(|l| parts.iter().all(|p| l.contains(p)) && field(l, "pid") == Some(pid))
+    };
+    let warmed: Vec<&str> = lines
+        .iter()
+        .filter(|l| l.contains("worker warmed"))
+        .copied()
+        .collect();
+    assert_eq!(warmed.len(), 2, "both workers warmed:\n{log}");
+    for line in warmed {
+        let pid = field(line, "pid").expect("a pid");
+        assert_eq!(field(line, "queries"), Some("3"), "{line}");
+        let warmed_at = position(&["worker warmed"], pid);
+        let ready_at = position(&["worker ready"], pid).expect("the worker became ready");
+        assert!(
+            warmed_at < Some(ready_at),
+            "worker {pid} was promoted before its warm-up finished:\n{log}"
+        );
+    }
+}

@@ -44,6 +44,7 @@ fn settings(data: &Path, temp: &Path, snapshots: Option<&Path>) -> EngineSetting
                 DatasetOptions {
                     storage: None,
                     sort_key: Some((*key).to_owned()),
+                    ..DatasetOptions::default()
                 },
             )
         })

@@ -99,6 +99,11 @@ pub struct DatasetInfo {
     pub error: Option<String>,
 }
 
+/// A double-quoted SQL identifier.
+pub fn sql_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
 /// A single-quoted SQL string literal.
 pub fn sql_string(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))

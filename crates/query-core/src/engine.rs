@@ -39,6 +39,7 @@
 //! connection (DuckDB re-binds it by itself when a view it reads changes). The engine's own
 //! catalogue statements run on a duckdb-rs connection.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,7 +54,7 @@ use crate::gate::Analysis;
 use crate::query::{Outcome, QueryError, QuerySpec, ResultSink};
 use crate::run::{ChunkSink, Encoded, Runner};
 use crate::serving::Serving;
-use crate::snapshot::{SnapshotDir, SnapshotPolicy, StorageSettings};
+use crate::snapshot::{DatasetOptions, SnapshotDir, SnapshotPolicy, StorageSettings};
 
 /// What a worker's DuckDB instance is given.
 #[derive(Clone, Debug, Default)]
@@ -115,6 +116,8 @@ pub struct Engine {
     runner: Runner,
     temp_dir: PathBuf,
     version: String,
+    /// Per-dataset options (sort keys, warm-up queries).
+    options: BTreeMap<String, DatasetOptions>,
     /// Dropped last: every connection above is to it.
     _database: Arc<Database>,
 }
@@ -246,6 +249,7 @@ impl Engine {
             runner,
             temp_dir,
             version,
+            options: settings.storage.datasets.clone(),
             _database: database,
         })
     }
@@ -314,6 +318,16 @@ impl Engine {
         self.catalog().len()
     }
 
+    /// The column `dataset`'s snapshot is sorted and indexed by, if it has one.
+    pub fn sort_key(&self, dataset: &str) -> Option<&str> {
+        self.options.get(dataset)?.sort_key.as_deref()
+    }
+
+    /// The warm-up queries configured for `dataset` (a worker runs them before it serves).
+    pub fn warmup_queries(&self, dataset: &str) -> &[String] {
+        self.options.get(dataset).map_or(&[], |o| &o.warmup)
+    }
+
     /// DuckDB's version string, e.g. `v2.0.0`.
     pub fn duckdb_version(&self) -> &str {
         &self.version
@@ -325,7 +339,7 @@ impl Engine {
     }
 
     #[cfg(test)]
-    fn with_catalogue_connection<R>(&self, f: impl FnOnce(&Connection) -> R) -> R {
+    pub(crate) fn with_catalogue_connection<R>(&self, f: impl FnOnce(&Connection) -> R) -> R {
         self.serving.with_conn(f)
     }
 }

@@ -17,6 +17,8 @@
 //! - [`snapshot`]: datasets loaded once into DuckDB files that every worker attaches read-only.
 //! - [`catalog`]: the datasets of the data directory (`NAME.parquet` files and `NAME/` folders of
 //!   Parquet files) registered as views.
+//! - [`warm`]: what a worker loads before it serves (sort-key indexes, first blocks, configured
+//!   warm-up queries).
 //! - [`error`]: the crate's [`Error`] type, with the path or dataset it concerns.
 //!
 //! # Example
@@ -51,6 +53,7 @@ pub mod snapshot;
 mod sync;
 #[cfg(test)]
 mod testing;
+pub mod warm;
 
 pub use arrow;
 pub use catalog::Dataset;
@@ -65,3 +68,4 @@ pub use query::{
 };
 pub use run::{ChunkSink, Encoded};
 pub use snapshot::{DatasetOptions, StorageMode, StorageSettings};
+pub use warm::Warmed;

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 
 use duckdb::Connection;
 
-use crate::catalog::{self, Dataset};
+use crate::catalog::{self, Dataset, sql_ident};
 
 /// Bump when the layout of a snapshot file changes: old files are then rebuilt, never misread.
 const FORMAT: u32 = 2;
@@ -72,6 +72,10 @@ pub struct DatasetOptions {
     /// whose zone map excludes them, and point lookups go through the index.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sort_key: Option<String>,
+    /// Queries a worker runs on this dataset before it serves (a worker runs them before it serves); empty for
+    /// the default warm-up.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warmup: Vec<String>,
 }
 
 /// How the engine stores datasets.
@@ -268,7 +272,7 @@ impl SnapshotDir {
                 file = catalog::sql_string(&temp.display().to_string()),
             ))
             .and_then(|()| {
-                let order = sort_key.map_or(String::new(), |key| format!(" ORDER BY {}", ident(key)));
+                let order = sort_key.map_or(String::new(), |key| format!(" ORDER BY {}", sql_ident(key)));
                 conn.execute_batch(&format!(
                     "CREATE TABLE \"{alias}\".main.data AS SELECT * FROM {source}{order}",
                     source = dataset.source_sql(),
@@ -281,7 +285,7 @@ impl SnapshotDir {
                 if let Some(key) = sort_key {
                     let index = conn.execute_batch(&format!(
                         "CREATE INDEX sort_key ON \"{alias}\".main.data ({})",
-                        ident(key)
+                        sql_ident(key)
                     ));
                     if let Err(e) = index {
                         tracing::warn!(dataset = %dataset.name, error = %e, "snapshot built without an index on its sort key");
@@ -347,11 +351,6 @@ impl SnapshotDir {
         }
         removed
     }
-}
-
-/// A double-quoted SQL identifier.
-fn ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 fn temp_name(target: &Path) -> PathBuf {

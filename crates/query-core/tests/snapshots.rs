@@ -66,8 +66,8 @@ fn settings(data: &Path, temp: &Path, snapshots: Option<&Path>) -> EngineSetting
         datasets.insert(
             name.to_owned(),
             DatasetOptions {
-                storage: None,
                 sort_key: Some(key.to_owned()),
+                ..DatasetOptions::default()
             },
         );
     }

@@ -279,7 +279,7 @@ keys! {
     accesslog: String = None,
     arg(long = "access-logfile", value_name = "FILE"),
     restart = false;
-    /// Per-dataset options, as tables [datasets.NAME] with storage and sort_key.
+    /// Per-dataset options, as tables [datasets.NAME] with storage, sort_key and warmup.
     datasets: BTreeMap<String, DatasetOptions> = None,
     arg(skip),
     restart = false;

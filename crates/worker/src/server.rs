@@ -215,6 +215,30 @@ async fn serve(
         Ok(Err(e)) => return boot_failed(record, &error_chain(&e), &wake_master),
         Err(e) => return boot_failed(record, &format!("DuckDB open panicked: {e}"), &wake_master),
     };
+    // Warm before ready: the master promotes this worker only once its indexes and first blocks
+    // are loaded, so the first requests it takes are as fast as its predecessor's last.
+    let warming = engine.clone();
+    let started = std::time::Instant::now();
+    let warmed = tokio::task::spawn_blocking(move || warming.warm_up())
+        .await
+        .unwrap_or_default();
+    for failed in warmed.iter().filter(|w| w.error.is_some()) {
+        tracing::warn!(
+            slot,
+            pid,
+            dataset = %failed.dataset,
+            error = %failed.error.as_ref().map(ToString::to_string).unwrap_or_default(),
+            "warm-up query failed; serving anyway"
+        );
+    }
+    tracing::info!(
+        slot,
+        pid,
+        datasets = warmed.len(),
+        queries = warmed.iter().map(|w| w.queries).sum::<usize>(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "worker warmed"
+    );
     let mut tokio_listeners = Vec::with_capacity(listeners.len());
     for listener in listeners {
         match into_tokio(listener) {
