@@ -408,6 +408,79 @@ fn overload_is_503_with_retry_after_and_disconnect_cancels() {
     );
 }
 
+/// Send `n` different queries of about the same cost at once, each with `timeout_ms`; their
+/// answers.
+fn burst(
+    server: &crate::support::Server,
+    n: usize,
+    timeout_ms: u64,
+) -> Vec<crate::support::Response> {
+    let addr = server.addr();
+    let threads: Vec<_> = (0..n)
+        .map(|i| {
+            // Each statement differs, so that no answer comes from the result cache.
+            let sql =
+                format!("SELECT sum(a.range * b.range) + {i} FROM range(4000) a, range(4000) b");
+            std::thread::spawn(move || {
+                post_json(
+                    addr,
+                    "/v1/query",
+                    &json!({"sql": sql, "timeout_ms": timeout_ms}),
+                )
+                .expect("answered")
+            })
+        })
+        .collect();
+    threads
+        .into_iter()
+        .map(|t| t.join().expect("client thread"))
+        .collect()
+}
+
+#[test]
+fn a_burst_beyond_the_slots_waits_when_deadlines_allow_and_is_refused_when_they_do_not() {
+    let server = Setup::new()
+        .key("workers", "1")
+        .key("max_concurrent_queries", "1")
+        .start();
+    // Fifty queries on one slot, with the default deadline: every one waits its turn.
+    let started = Instant::now();
+    let patient = burst(&server, 50, 30_000);
+    let elapsed = started.elapsed();
+    let statuses: Vec<u16> = patient.iter().map(|r| r.status).collect();
+    assert!(
+        statuses.iter().all(|&s| s == 200),
+        "every query fits in its deadline: {statuses:?}"
+    );
+    println!("50 queries on one slot: all 200 in {elapsed:?}");
+
+    // The same burst with a deadline of a few queries' time: the queue serves what it can in
+    // time and refuses the rest at once, saying when to come back.
+    let one = elapsed / 50;
+    let timeout_ms = (one * 4).as_millis().max(20) as u64;
+    let hurried = burst(&server, 50, timeout_ms);
+    let ok = hurried.iter().filter(|r| r.status == 200).count();
+    let refused: Vec<_> = hurried.iter().filter(|r| r.status == 503).collect();
+    println!(
+        "50 queries with timeout_ms {timeout_ms}: {ok} × 200, {} × 503",
+        refused.len()
+    );
+    assert!(ok >= 1, "the first ones are served");
+    assert!(
+        refused.len() >= 25,
+        "most cannot finish in time: {ok} served"
+    );
+    assert_eq!(ok + refused.len(), 50, "nothing but 200 and 503");
+    for response in refused {
+        assert_eq!(response.json()["code"], "overloaded");
+        let retry: u64 = response
+            .header("retry-after")
+            .and_then(|v| v.parse().ok())
+            .expect("Retry-After in whole seconds");
+        assert!(retry >= 1);
+    }
+}
+
 #[test]
 fn term_lets_an_in_flight_query_finish_then_exits_zero() {
     let mut server = Setup::new()

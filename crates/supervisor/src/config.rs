@@ -244,8 +244,10 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub query_timeout: Duration,
     pub max_concurrent_queries: Option<usize>,
-    pub query_queue_depth: usize,
-    pub query_queue_timeout: Duration,
+    /// `None`: derived per worker ([`Config::queue_depth`]).
+    pub query_queue_depth: Option<usize>,
+    /// `None`: by each query's deadline.
+    pub query_queue_timeout: Option<Duration>,
     pub duckdb_max_temp_bytes: Option<u64>,
     pub cache_dir: PathBuf,
     pub storage: StorageMode,
@@ -369,8 +371,16 @@ impl Config {
             0 => None,
             n => Some(n as usize),
         };
-        let query_queue_depth = ranged!(raw.query_queue_depth, 0..=100_000)? as usize;
-        let query_queue_timeout_ms = ranged!(raw.query_queue_timeout_ms, 0..=600_000)?;
+        let query_queue_depth = raw
+            .query_queue_depth
+            .map(|n| in_range("query_queue_depth", n, 0..=100_000).map(|n| n as usize))
+            .transpose()?;
+        let query_queue_timeout = raw
+            .query_queue_timeout_ms
+            .map(|ms| {
+                in_range("query_queue_timeout_ms", ms, 0..=600_000).map(Duration::from_millis)
+            })
+            .transpose()?;
         let duckdb_max_temp_bytes = match raw.duckdb_max_temp_size.as_deref() {
             None | Some("") => None,
             Some(text) => Some(parse_size(text).map_err(|m| invalid("duckdb_max_temp_size", m))?),
@@ -468,7 +478,7 @@ impl Config {
             query_timeout: Duration::from_millis(query_timeout_ms),
             max_concurrent_queries,
             query_queue_depth,
-            query_queue_timeout: Duration::from_millis(query_queue_timeout_ms),
+            query_queue_timeout,
             duckdb_max_temp_bytes,
             cache_dir,
             storage: require(&raw.storage, "storage")?,
@@ -482,6 +492,16 @@ impl Config {
     }
 
     /// DuckDB's memory limit for one worker: the pool's budget divided among the workers.
+    /// Queries one worker may queue: `query_queue_depth`, or by default one per connection the
+    /// worker serves, and no more request bodies than its share of the memory budget holds.
+    pub fn queue_depth(&self, workers: usize) -> usize {
+        self.query_queue_depth.unwrap_or_else(|| {
+            let bodies =
+                self.worker_memory_limit_bytes(workers) / self.max_body_bytes.max(1) as u64;
+            self.worker_connections.min(bodies as usize).max(1)
+        })
+    }
+
     pub fn worker_memory_limit_bytes(&self, workers: usize) -> u64 {
         self.duckdb_memory_limit_bytes / workers.max(1) as u64
     }

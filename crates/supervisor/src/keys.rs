@@ -235,12 +235,14 @@ keys! {
     max_concurrent_queries: u64 = Some(0),
     arg(long),
     restart = false;
-    /// Queries that may wait for a slot in one worker; more are answered 503 at once.
-    query_queue_depth: u64 = Some(16),
+    /// Queries that may wait for a slot in one worker; more are answered 503 at once. Unset: as
+    /// many as the worker's connections and its memory share allow.
+    query_queue_depth: u64 = None,
     arg(long),
     restart = false;
-    /// Longest wait for a query slot, in milliseconds, before 503.
-    query_queue_timeout_ms: u64 = Some(2_000),
+    /// Longest wait for a query slot, in milliseconds, before 503. Unset: as long as the query
+    /// can still finish within its deadline.
+    query_queue_timeout_ms: u64 = None,
     arg(long, value_name = "MS"),
     restart = false;
     /// Disk DuckDB may spill to, for the whole pool, divided among the workers, e.g. "20GB".

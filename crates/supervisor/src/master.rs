@@ -424,7 +424,7 @@ impl Master {
         })
     }
 
-    fn worker_settings(&self, budget: Option<u64>, threads: u32) -> WorkerSettings {
+    fn worker_settings(&self, budget: Option<u64>, workers: usize, threads: u32) -> WorkerSettings {
         let c = &self.config;
         WorkerSettings {
             query: QuerySettings {
@@ -432,7 +432,7 @@ impl Master {
                 max_body_bytes: c.max_body_bytes,
                 max_query_time: c.query_timeout,
                 max_concurrent_queries: c.max_concurrent_queries.unwrap_or(threads as usize),
-                queue_depth: c.query_queue_depth,
+                queue_depth: c.queue_depth(workers),
                 queue_timeout: c.query_queue_timeout,
             },
             worker_connections: c.worker_connections,
@@ -477,7 +477,7 @@ impl Master {
         let workers = self.pool.desired().max(1);
         let memory_limit_bytes = self.config.worker_memory_limit_bytes(workers);
         let threads = self.config.worker_threads(workers);
-        let settings = self.worker_settings(budget, threads);
+        let settings = self.worker_settings(budget, workers, threads);
         record.reset(monotonic_ms());
         let master_pid = nix::unistd::getpid();
 

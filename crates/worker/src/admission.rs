@@ -1,52 +1,293 @@
-//! Admission control: at most `max_concurrent_queries` queries run at once in a worker; up to
-//! `query_queue_depth` more wait for a slot, for at most `query_queue_timeout_ms`; anything
-//! beyond is refused at once.
+//! Admission control: at most `max_concurrent_queries` queries run at once in a worker; the
+//! others wait for a slot as long as they can still finish within their own deadline.
+//!
+//! The policy (documented for operators in `config/ferrocorn.toml`):
+//!
+//! - A query that finds a free slot runs at once.
+//! - Otherwise it joins the queue if the queue is shorter than its bound (`query_queue_depth`;
+//!   by default as many waiters as the worker has connections, and no more request bodies than
+//!   its memory share holds) and if the wait the queue predicts, plus the query's own expected
+//!   run, fits in its deadline (`timeout_ms`, capped by `query_timeout_ms`). The prediction comes
+//!   from the queue: the waiters ahead, the slots, and the recent time a query holds a slot.
+//! - It waits at most its deadline less its expected run (or `query_queue_timeout_ms`, when an
+//!   operator set one for fast shedding), then is refused.
+//! - A refusal is 503 `overloaded` with `Retry-After`: when the queue ahead should have drained.
+//! - A query that waited gets its whole deadline to run: the wait is not taken from it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::settings::QuerySettings;
 
-/// A query was refused a slot: the worker is at its capacity.
+/// A query was refused a slot: answering it would take longer than its deadline allows, or the
+/// queue is at its bound.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Full;
+pub struct Full {
+    /// When a retry should find room: the queue's predicted drain time.
+    pub retry_after: Duration,
+}
 
-/// A semaphore for running queries and a bound on the waiters.
+/// Slots for running queries, the queue in front of them and its service-time estimate.
 #[derive(Debug)]
 pub struct Admission {
     running: Arc<Semaphore>,
+    slots: usize,
     waiting: AtomicUsize,
     depth: usize,
-    timeout: Duration,
+    max_wait: Option<Duration>,
+    service: Arc<ServiceTime>,
 }
 
 impl Admission {
     pub fn new(settings: &QuerySettings) -> Self {
+        let slots = settings.max_concurrent_queries.max(1);
         Self {
-            running: Arc::new(Semaphore::new(settings.max_concurrent_queries.max(1))),
+            running: Arc::new(Semaphore::new(slots)),
+            slots,
             waiting: AtomicUsize::new(0),
             depth: settings.queue_depth,
-            timeout: settings.queue_timeout,
+            max_wait: settings.queue_timeout,
+            service: Arc::new(ServiceTime::default()),
         }
     }
 
-    /// A slot, held until the permit drops: at once, after a wait in the queue, or [`Full`].
-    pub async fn admit(&self) -> Result<OwnedSemaphorePermit, Full> {
+    /// A slot for a query that must finish within `deadline`, held until the [`Permit`] drops:
+    /// at once, after a wait in the queue, or [`Full`].
+    pub async fn admit(&self, deadline: Duration) -> Result<Permit, Full> {
         if let Ok(permit) = self.running.clone().try_acquire_owned() {
-            return Ok(permit);
+            return Ok(self.permit(permit));
         }
-        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.depth {
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
-            return Err(Full);
+        let ahead = self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _leave = Leave(&self.waiting);
+        let expected_run = self.service.estimate();
+        let predicted_wait = self.predicted_wait(ahead);
+        let mut patience = deadline.saturating_sub(expected_run);
+        if let Some(max_wait) = self.max_wait {
+            patience = patience.min(max_wait);
         }
-        let result = tokio::time::timeout(self.timeout, self.running.clone().acquire_owned()).await;
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
-        match result {
-            Ok(Ok(permit)) => Ok(permit),
-            _ => Err(Full),
+        if ahead >= self.depth || predicted_wait > patience {
+            return Err(self.full(ahead));
         }
+        match tokio::time::timeout(patience, self.running.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(self.permit(permit)),
+            _ => Err(self.full(self.waiting.load(Ordering::Acquire).saturating_sub(1))),
+        }
+    }
+
+    /// Queries waiting for a slot now.
+    #[cfg(test)]
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
+    /// How long a query with `ahead` waiters before it should wait: the slots serve the queue
+    /// in rounds of one service time each.
+    fn predicted_wait(&self, ahead: usize) -> Duration {
+        let rounds = (ahead / self.slots + 1) as u32;
+        self.service.estimate() * rounds
+    }
+
+    fn full(&self, ahead: usize) -> Full {
+        Full {
+            retry_after: self.predicted_wait(ahead),
+        }
+    }
+
+    fn permit(&self, permit: OwnedSemaphorePermit) -> Permit {
+        Permit {
+            _slot: permit,
+            since: Instant::now(),
+            service: self.service.clone(),
+        }
+    }
+}
+
+/// A query's slot. Dropping it frees the slot and feeds the time it was held into the queue's
+/// estimate.
+#[derive(Debug)]
+pub struct Permit {
+    _slot: OwnedSemaphorePermit,
+    since: Instant,
+    service: Arc<ServiceTime>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.service.record(self.since.elapsed());
+    }
+}
+
+/// Takes a waiter off the count however its wait ends (including a dropped future).
+struct Leave<'a>(&'a AtomicUsize);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How long a query holds a slot, recently: an exponentially weighted moving average (weight
+/// 1/8 for each new query) in microseconds. Concurrent updates may lose one sample; an estimate
+/// needs no more.
+#[derive(Debug, Default)]
+struct ServiceTime {
+    micros: AtomicU64,
+}
+
+impl ServiceTime {
+    fn estimate(&self) -> Duration {
+        Duration::from_micros(self.micros.load(Ordering::Relaxed))
+    }
+
+    fn record(&self, held: Duration) {
+        let sample = u64::try_from(held.as_micros()).unwrap_or(u64::MAX);
+        let old = self.micros.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            old - old / 8 + sample / 8
+        };
+        self.micros.store(new.max(1), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admission(slots: usize, depth: usize, max_wait: Option<Duration>) -> Admission {
+        Admission::new(&QuerySettings {
+            max_result_rows: 10,
+            max_body_bytes: 1024,
+            max_query_time: Duration::from_secs(30),
+            max_concurrent_queries: slots,
+            queue_depth: depth,
+            queue_timeout: max_wait,
+        })
+    }
+
+    /// Teach the estimate that a query holds a slot for `held`.
+    fn learn(admission: &Admission, held: Duration) {
+        for _ in 0..50 {
+            admission.service.record(held);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_query_waits_while_its_deadline_allows_and_then_runs() {
+        let admission = Arc::new(admission(1, 100, None));
+        learn(&admission, Duration::from_millis(100));
+        let first = admission.admit(Duration::from_secs(5)).await.expect("free");
+        let waiter = {
+            let admission = admission.clone();
+            tokio::spawn(async move { admission.admit(Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            admission.waiting(),
+            1,
+            "still waiting after 3 s: its deadline allows it"
+        );
+        drop(first);
+        assert!(waiter.await.expect("task").is_ok());
+        assert_eq!(admission.waiting(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_query_the_queue_cannot_serve_in_time_is_refused_at_once_with_an_estimate() {
+        let admission = Arc::new(admission(2, 100, None));
+        learn(&admission, Duration::from_secs(1));
+        let _running: Vec<Permit> = vec![
+            admission
+                .admit(Duration::from_secs(30))
+                .await
+                .expect("free"),
+            admission
+                .admit(Duration::from_secs(30))
+                .await
+                .expect("free"),
+        ];
+        // Four waiters on two slots of about a second each.
+        let mut waiters = Vec::new();
+        for _ in 0..4 {
+            let admission = admission.clone();
+            waiters.push(tokio::spawn(async move {
+                admission.admit(Duration::from_secs(30)).await
+            }));
+        }
+        tokio::task::yield_now().await;
+        assert_eq!(admission.waiting(), 4);
+        let started = tokio::time::Instant::now();
+        let refused = admission
+            .admit(Duration::from_millis(2500))
+            .await
+            .expect_err("three rounds of a second do not fit in 2.5 s");
+        assert_eq!(started.elapsed(), Duration::ZERO, "refused without waiting");
+        assert_eq!(refused.retry_after, Duration::from_secs(3));
+        // A longer deadline is queued instead.
+        let patient = {
+            let admission = admission.clone();
+            tokio::spawn(async move { admission.admit(Duration::from_secs(10)).await })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(admission.waiting(), 5);
+        drop(waiters);
+        drop(patient);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_gives_up_when_its_deadline_less_its_run_has_passed() {
+        let admission = admission(1, 100, None);
+        learn(&admission, Duration::from_millis(500));
+        let _running = admission
+            .admit(Duration::from_secs(30))
+            .await
+            .expect("free");
+        let started = tokio::time::Instant::now();
+        let refused = admission
+            .admit(Duration::from_secs(2))
+            .await
+            .expect_err("the slot never frees");
+        assert_eq!(started.elapsed(), Duration::from_millis(1500));
+        assert_eq!(refused.retry_after, Duration::from_millis(500));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_operators_bounds_shed_load_fast() {
+        let no_queue = admission(1, 0, None);
+        let _running = no_queue.admit(Duration::from_secs(30)).await.expect("free");
+        assert!(no_queue.admit(Duration::from_secs(30)).await.is_err());
+
+        let short_wait = admission(1, 100, Some(Duration::from_millis(200)));
+        let _running = short_wait
+            .admit(Duration::from_secs(30))
+            .await
+            .expect("free");
+        let started = tokio::time::Instant::now();
+        assert!(short_wait.admit(Duration::from_secs(30)).await.is_err());
+        assert_eq!(started.elapsed(), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn the_estimate_follows_the_recent_service_time() {
+        let service = ServiceTime::default();
+        assert_eq!(
+            service.estimate(),
+            Duration::ZERO,
+            "nothing known: no prediction"
+        );
+        service.record(Duration::from_millis(80));
+        assert_eq!(service.estimate(), Duration::from_millis(80));
+        for _ in 0..100 {
+            service.record(Duration::from_millis(8));
+        }
+        let estimate = service.estimate();
+        assert!(
+            estimate >= Duration::from_millis(8) && estimate < Duration::from_millis(9),
+            "{estimate:?}"
+        );
     }
 }

@@ -36,8 +36,11 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("none of the result formats (json, ndjson, csv, arrow, parquet) is acceptable")]
     NotAcceptable,
-    #[error("the worker is at its query capacity; retry shortly")]
-    Overloaded,
+    #[error("the worker cannot run the query within its deadline; retry later")]
+    Overloaded {
+        /// When the queue ahead should have drained.
+        retry_after: std::time::Duration,
+    },
     #[error("the query ran past its deadline and was interrupted")]
     QueryTimeout,
     #[error("no dataset named {0:?}")]
@@ -68,7 +71,7 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
             Self::NotAcceptable => (StatusCode::NOT_ACCEPTABLE, "not_acceptable"),
-            Self::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            Self::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             Self::QueryTimeout => (StatusCode::GATEWAY_TIMEOUT, "query_timeout"),
             Self::UnknownDataset(_) => (StatusCode::NOT_FOUND, "unknown_dataset"),
             Self::Query(error) => match error {
@@ -102,7 +105,13 @@ impl ApiError {
     /// Seconds a client should wait before retrying, for errors that are about load.
     pub fn retry_after(&self) -> Option<u32> {
         match self {
-            Self::Overloaded | Self::Query(QueryError::OutOfMemory(_)) => Some(1),
+            // Whole seconds, rounded up, at least one.
+            Self::Overloaded { retry_after } => Some(
+                u32::try_from(retry_after.as_millis().div_ceil(1000))
+                    .unwrap_or(u32::MAX)
+                    .max(1),
+            ),
+            Self::Query(QueryError::OutOfMemory(_)) => Some(1),
             _ => None,
         }
     }
@@ -191,7 +200,19 @@ mod tests {
             let problem = error.problem();
             assert_eq!((problem.status, problem.code), (400, code));
         }
-        let line = ApiError::Overloaded.ndjson_line();
+        let overloaded = ApiError::Overloaded {
+            retry_after: std::time::Duration::from_millis(2500),
+        };
+        assert_eq!(
+            overloaded.retry_after(),
+            Some(3),
+            "rounded up to whole seconds"
+        );
+        let soon = ApiError::Overloaded {
+            retry_after: std::time::Duration::ZERO,
+        };
+        assert_eq!(soon.retry_after(), Some(1), "at least one second");
+        let line = overloaded.ndjson_line();
         let value: serde_json::Value = serde_json::from_slice(&line).expect("one JSON line");
         assert_eq!(value["error"]["code"], "overloaded");
         assert_eq!(line.last(), Some(&b'\n'));

@@ -225,9 +225,11 @@ async fn run_query(
     }
 
     // Held until the last byte is sent (it moves into the streamed body).
-    let permit = state.admission.admit().await.map_err(|_| {
+    let permit = state.admission.admit(deadline).await.map_err(|full| {
         PoolCounters::add(&state.pool().overloaded, 1);
-        ApiError::Overloaded
+        ApiError::Overloaded {
+            retry_after: full.retry_after,
+        }
     })?;
     let queued = received.elapsed();
     let job = Job {

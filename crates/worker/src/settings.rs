@@ -101,8 +101,9 @@ pub struct QuerySettings {
     pub max_concurrent_queries: usize,
     /// Queries that may wait for a slot; more are answered 503 at once.
     pub queue_depth: usize,
-    /// Longest wait for a slot before 503.
-    pub queue_timeout: Duration,
+    /// Longest wait for a slot before 503, when the operator bounds it; `None` waits as long as
+    /// the query's deadline allows (see [`crate::admission`]).
+    pub queue_timeout: Option<Duration>,
 }
 
 /// Where access lines go.

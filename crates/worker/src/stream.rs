@@ -23,8 +23,9 @@ use ferrocorn_query_core::{
 use http::{HeaderMap, HeaderValue, header};
 use http_body_util::StreamBody;
 use hyper::body::Frame;
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::mpsc;
 
+use crate::admission::Permit;
 use crate::problem::ApiError;
 
 /// Bytes buffered before the response headers go out: a result that fits is sent with its
@@ -87,11 +88,11 @@ impl Cancel {
 struct Running {
     cancel: Arc<Cancel>,
     timer: tokio::task::JoinHandle<()>,
-    _permit: OwnedSemaphorePermit,
+    _permit: Permit,
 }
 
 impl Running {
-    fn start(permit: OwnedSemaphorePermit, deadline: Duration) -> Self {
+    fn start(permit: Permit, deadline: Duration) -> Self {
         let cancel = Arc::new(Cancel::default());
         let timer = {
             let cancel = cancel.clone();
@@ -179,7 +180,7 @@ pub struct Whole {
 pub async fn respond(
     engine: Arc<Engine>,
     job: Job,
-    permit: OwnedSemaphorePermit,
+    permit: Permit,
     deadline: Duration,
     queued: Duration,
     mut headers: HeaderMap,
