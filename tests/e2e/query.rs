@@ -369,6 +369,23 @@ fn deadline_interrupts_the_query_and_the_worker_keeps_serving() {
 }
 
 #[test]
+fn a_deadline_that_passes_before_the_query_executes_still_stops_it() {
+    let server = Setup::new().key("workers", "1").start();
+    // DuckDB clears an interrupt when execution starts: a deadline that passes while the
+    // statement is still being checked or prepared must interrupt it again once it runs.
+    for timeout_ms in [0, 0, 1, 1, 2] {
+        let sql = format!("{SLOW_SQL} -- {timeout_ms}");
+        let response = query(&server, json!({"sql": sql, "timeout_ms": timeout_ms}));
+        assert_eq!(
+            response.status,
+            504,
+            "{}",
+            String::from_utf8_lossy(&response.body)
+        );
+    }
+}
+
+#[test]
 fn overload_is_503_with_retry_after_and_disconnect_cancels() {
     let server = Setup::new()
         .key("workers", "1")

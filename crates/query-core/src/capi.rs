@@ -7,7 +7,7 @@
 //!
 //! - [`Database`]: an in-memory instance opened with its configuration; duckdb-rs connections to
 //!   it serve the engine's own catalogue work ([`Database::rust_connection`]).
-//! - [`Conn`]: a raw connection, with an [`InterruptHandle`] any thread may fire.
+//! - [`Conn`]: a raw connection, with an [`ConnInterrupt`] any thread may fire.
 //! - [`Conn::extract`]: DuckDB's own parser splits a text into statements ([`Extracted`]); one of
 //!   them is prepared (bound, planned, never executed) into a [`Prepared`], whose
 //!   [`Prepared::statement_type`] is DuckDB's classification.
@@ -111,7 +111,7 @@ impl Database {
         }
         Ok(Conn {
             raw,
-            interrupt: InterruptHandle(Arc::new(Mutex::new(Interruptible(raw)))),
+            interrupt: ConnInterrupt(Arc::new(Mutex::new(Interruptible(raw)))),
             _database: self.clone(),
         })
     }
@@ -139,7 +139,7 @@ impl Drop for Database {
 /// Interrupts what a connection is running, from any thread; a no-op once the connection has
 /// closed.
 #[derive(Clone, Debug)]
-pub struct InterruptHandle(Arc<Mutex<Interruptible>>);
+pub struct ConnInterrupt(Arc<Mutex<Interruptible>>);
 
 /// A connection as the interrupt handle sees it: null once the connection has closed.
 #[derive(Debug)]
@@ -150,7 +150,7 @@ struct Interruptible(ffi::duckdb_connection);
 // query on the connection.
 unsafe impl Send for Interruptible {}
 
-impl InterruptHandle {
+impl ConnInterrupt {
     /// Ask DuckDB to stop the running query; it fails with an interrupt error.
     pub fn interrupt(&self) {
         let raw = self.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -166,7 +166,7 @@ impl InterruptHandle {
 #[derive(Debug)]
 pub struct Conn {
     raw: ffi::duckdb_connection,
-    interrupt: InterruptHandle,
+    interrupt: ConnInterrupt,
     _database: Arc<Database>,
 }
 
@@ -176,7 +176,7 @@ unsafe impl Send for Conn {}
 
 impl Conn {
     /// The handle that interrupts this connection's running query.
-    pub fn interrupt_handle(&self) -> InterruptHandle {
+    pub fn interrupt_handle(&self) -> ConnInterrupt {
         self.interrupt.clone()
     }
 

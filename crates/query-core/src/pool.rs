@@ -38,7 +38,7 @@ pub(crate) struct QueryConn {
 }
 
 impl QueryConn {
-    pub fn interrupt_handle(&self) -> capi::InterruptHandle {
+    pub fn interrupt_handle(&self) -> capi::ConnInterrupt {
         self.conn.interrupt_handle()
     }
 

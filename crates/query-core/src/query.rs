@@ -5,13 +5,45 @@
 //! thread), then the schema, then the batches. The sink may stop the query at any point.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 
-pub use crate::capi::InterruptHandle;
-use crate::capi::Value;
+use crate::capi::{ConnInterrupt, Value};
 use crate::gate::Refusal;
+
+/// Interrupts one run of a query, from any thread. The run disarms it when it ends, before its
+/// connection goes back to the pool: DuckDB keeps an interrupt that reaches an idle connection
+/// for the connection's next query, so a late one (a deadline or a disconnect racing the end of
+/// the query) must never reach it.
+#[derive(Clone, Debug)]
+pub struct InterruptHandle(Arc<Mutex<Option<ConnInterrupt>>>);
+
+impl InterruptHandle {
+    pub(crate) fn arm(conn: ConnInterrupt) -> (Self, Disarm) {
+        let handle = Self(Arc::new(Mutex::new(Some(conn))));
+        (handle.clone(), Disarm(handle))
+    }
+
+    /// Ask DuckDB to stop the query; it fails with [`QueryError::Interrupted`]. Does nothing once
+    /// the run has ended.
+    pub fn interrupt(&self) {
+        if let Some(conn) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            conn.interrupt();
+        }
+    }
+}
+
+/// Disarms its run's [`InterruptHandle`] when dropped.
+#[derive(Debug)]
+pub(crate) struct Disarm(InterruptHandle);
+
+impl Drop for Disarm {
+    fn drop(&mut self) {
+        self.0.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
 
 /// A query parameter's value, from typed JSON.
 #[derive(Clone, Debug, PartialEq)]

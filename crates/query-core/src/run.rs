@@ -117,7 +117,9 @@ impl Runner {
         // Snapshots this query may read stay attached until it ends.
         let _generation = serving.generation();
         let mut conn = self.pool.checkout()?;
-        sink.started(conn.interrupt_handle());
+        // Dropped before `conn` goes back to the pool.
+        let (interrupt, _disarm) = InterruptHandle::arm(conn.interrupt_handle());
+        sink.started(interrupt);
         let (purpose, text, expected) = match spec.explain {
             None => (Purpose::Query, spec.sql.to_owned(), StatementType::Select),
             Some(explain) => (
@@ -368,6 +370,61 @@ mod tests {
     use crate::Engine;
     use crate::query::{QueryError, QuerySpec};
     use crate::testing::{Count, refusal, run_sql, settings, write_parquet};
+
+    /// Keeps the interrupt handle of the run it saw.
+    #[derive(Default)]
+    struct KeepHandle(Option<crate::InterruptHandle>);
+
+    impl crate::ResultSink for KeepHandle {
+        fn started(&mut self, interrupt: crate::InterruptHandle) {
+            self.0 = Some(interrupt);
+        }
+        fn schema(&mut self, _: arrow::datatypes::SchemaRef) -> crate::Flow {
+            crate::Flow::Continue
+        }
+        fn batch(&mut self, _: arrow::record_batch::RecordBatch) -> crate::Flow {
+            crate::Flow::Continue
+        }
+    }
+
+    #[test]
+    fn an_interrupt_after_its_run_has_ended_never_reaches_the_next_query() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let temp = tempfile::tempdir().expect("tempdir");
+        let engine = Engine::open(&settings(data.path(), temp.path())).expect("open");
+        let params = crate::Params::default();
+        let spec = QuerySpec {
+            sql: "SELECT 42",
+            params: &params,
+            max_rows: 10,
+            explain: None,
+        };
+        let mut sink = KeepHandle::default();
+        engine.run(&spec, &mut sink).expect("first run");
+        assert_eq!(
+            engine.idle_connections(),
+            1,
+            "its connection is back in the pool"
+        );
+        let stale = sink.0.expect("the run handed over its handle");
+        // The same pooled connection runs the next query while the first one's deadline or
+        // disconnect keeps firing: the next query is not interrupted.
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    stale.interrupt();
+                    std::thread::yield_now();
+                }
+            });
+            let next = run_sql(
+                &engine,
+                "SELECT sum(a.range * b.range) FROM range(3000) a, range(3000) b",
+            );
+            done.store(true, std::sync::atomic::Ordering::Release);
+            assert_eq!(next.expect("not interrupted"), 1);
+        });
+    }
 
     #[test]
     fn a_pooled_connection_is_reusable_after_a_result_cut_short() {

@@ -88,6 +88,8 @@ shared_struct! {
         state: AtomicU32,
         retire_requested: AtomicU32,
         in_flight: AtomicU32,
+        /// Queries holding a slot (see [`crate::Scoreboard::running_queries`]).
+        running: AtomicU32,
         heartbeat_ms: AtomicU64,
         requests: AtomicU64,
         current_request: AtomicText<16>,
@@ -101,6 +103,7 @@ impl WorkerRecord {
         self.pid.store(0, Ordering::Relaxed);
         self.retire_requested.store(0, Ordering::Relaxed);
         self.in_flight.store(0, Ordering::Relaxed);
+        self.running.store(0, Ordering::Relaxed);
         self.requests.store(0, Ordering::Relaxed);
         self.current_request.clear();
         self.message.clear();
@@ -109,8 +112,10 @@ impl WorkerRecord {
             .store(RecordState::Booting as u32, Ordering::Release);
     }
 
-    /// Mark the record unused (master, after reaping its worker).
+    /// Mark the record unused (master, after reaping its worker): the slots a dead worker held
+    /// are no longer counted.
     pub fn free(&self) {
+        self.running.store(0, Ordering::Release);
         self.state
             .store(RecordState::Free as u32, Ordering::Release);
     }
@@ -157,6 +162,20 @@ impl WorkerRecord {
 
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// A query takes a slot; returns how many this worker runs now.
+    pub fn query_started(&self) -> u32 {
+        self.running.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    pub fn query_finished(&self) {
+        self.running.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Queries this worker runs now.
+    pub fn running(&self) -> u32 {
+        self.running.load(Ordering::Acquire)
     }
 
     /// The request line the worker started last.
@@ -214,6 +233,7 @@ mod tests {
             state: AtomicU32::new(0),
             retire_requested: AtomicU32::new(0),
             in_flight: AtomicU32::new(0),
+            running: AtomicU32::new(0),
             heartbeat_ms: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             current_request: AtomicText {

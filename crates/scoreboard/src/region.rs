@@ -43,6 +43,11 @@ impl Scoreboard {
     pub fn records(&self) -> &[WorkerRecord] {
         &self.records
     }
+
+    /// Queries running in the whole pool: the sum of the workers' counts.
+    pub fn running_queries(&self) -> u32 {
+        self.records.iter().map(WorkerRecord::running).sum()
+    }
 }
 
 /// An anonymous shared mapping of one zeroed `T`, never unmapped.

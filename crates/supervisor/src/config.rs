@@ -248,6 +248,7 @@ pub struct Config {
     pub query_queue_depth: Option<usize>,
     /// `None`: by each query's deadline.
     pub query_queue_timeout: Option<Duration>,
+    pub share_query_slots: bool,
     pub duckdb_max_temp_bytes: Option<u64>,
     pub cache_dir: PathBuf,
     pub storage: StorageMode,
@@ -479,6 +480,7 @@ impl Config {
             max_concurrent_queries,
             query_queue_depth,
             query_queue_timeout,
+            share_query_slots: require(&raw.share_query_slots, "share_query_slots")?,
             duckdb_max_temp_bytes,
             cache_dir,
             storage: require(&raw.storage, "storage")?,

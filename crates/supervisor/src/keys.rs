@@ -245,6 +245,10 @@ keys! {
     query_queue_timeout_ms: u64 = None,
     arg(long, value_name = "MS"),
     restart = false;
+    /// Whether a worker whose queries queue may borrow the query slots other workers leave idle.
+    share_query_slots: bool = Some(true),
+    arg(long, value_name = "BOOL"),
+    restart = false;
     /// Disk DuckDB may spill to, for the whole pool, divided among the workers, e.g. "20GB".
     duckdb_max_temp_size: String = None,
     arg(long, value_name = "SIZE"),

@@ -434,6 +434,9 @@ impl Master {
                 max_concurrent_queries: c.max_concurrent_queries.unwrap_or(threads as usize),
                 queue_depth: c.queue_depth(workers),
                 queue_timeout: c.query_queue_timeout,
+                pool_slots: c
+                    .share_query_slots
+                    .then(|| workers * c.max_concurrent_queries.unwrap_or(threads as usize)),
             },
             worker_connections: c.worker_connections,
             keepalive: c.keepalive,

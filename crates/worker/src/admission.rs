@@ -13,14 +13,33 @@
 //!   operator set one for fast shedding), then is refused.
 //! - A refusal is 503 `overloaded` with `Retry-After`: when the queue ahead should have drained.
 //! - A query that waited gets its whole deadline to run: the wait is not taken from it.
+//!
+//! Work goes where there is room: with `share_query_slots` (the default) the pool's slots
+//! (`workers × max_concurrent_queries`) are one table in the shared region. A worker always has
+//! its own share; when that is taken and its queue is not empty, it borrows a slot other workers
+//! leave idle, so a query that reached a busy worker does not wait while another worker's slot is
+//! free. A borrowed slot is taken only while the pool runs fewer queries than its total, and a
+//! worker's own share is never refused, so the pool runs at most twice its total at a moment.
+//! The queue's head watches the table (every [`POLL`]) as well as its own worker's slots.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use ferrocorn_scoreboard::{Scoreboard, WorkerRecord};
+use tokio::sync::{Mutex, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::settings::QuerySettings;
+
+/// How often the head of a worker's queue looks for a slot another worker freed.
+pub const POLL: Duration = Duration::from_millis(2);
+
+/// The pool's slot table: this worker's record and the shared region.
+#[derive(Clone, Copy, Debug)]
+pub struct SlotTable {
+    pub record: &'static WorkerRecord,
+    pub scoreboard: &'static Scoreboard,
+}
 
 /// A query was refused a slot: answering it would take longer than its deadline allows, or the
 /// queue is at its bound.
@@ -33,32 +52,50 @@ pub struct Full {
 /// Slots for running queries, the queue in front of them and its service-time estimate.
 #[derive(Debug)]
 pub struct Admission {
-    running: Arc<Semaphore>,
+    /// This worker's own share of the slots.
+    own: Arc<Semaphore>,
     slots: usize,
     waiting: AtomicUsize,
+    /// Held by the waiter at the head of the queue (tokio's mutex is fair: waiters in order).
+    head: Mutex<()>,
+    /// A slot of this worker was freed.
+    freed: Arc<Notify>,
     depth: usize,
     max_wait: Option<Duration>,
     service: Arc<ServiceTime>,
+    /// Where running queries are counted, if anywhere.
+    table: Option<SlotTable>,
+    /// The pool's total, when idle slots may be borrowed.
+    pool_slots: Option<u32>,
 }
 
 impl Admission {
-    pub fn new(settings: &QuerySettings) -> Self {
+    pub fn new(settings: &QuerySettings, table: Option<SlotTable>) -> Self {
         let slots = settings.max_concurrent_queries.max(1);
         Self {
-            running: Arc::new(Semaphore::new(slots)),
+            own: Arc::new(Semaphore::new(slots)),
             slots,
             waiting: AtomicUsize::new(0),
+            head: Mutex::new(()),
+            freed: Arc::new(Notify::new()),
             depth: settings.queue_depth,
             max_wait: settings.queue_timeout,
             service: Arc::new(ServiceTime::default()),
+            table,
+            pool_slots: settings
+                .pool_slots
+                .filter(|_| table.is_some())
+                .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
         }
     }
 
     /// A slot for a query that must finish within `deadline`, held until the [`Permit`] drops:
     /// at once, after a wait in the queue, or [`Full`].
     pub async fn admit(&self, deadline: Duration) -> Result<Permit, Full> {
-        if let Ok(permit) = self.running.clone().try_acquire_owned() {
-            return Ok(self.permit(permit));
+        if self.waiting.load(Ordering::Acquire) == 0
+            && let Some(permit) = self.try_take()
+        {
+            return Ok(permit);
         }
         let ahead = self.waiting.fetch_add(1, Ordering::AcqRel);
         let _leave = Leave(&self.waiting);
@@ -71,9 +108,54 @@ impl Admission {
         if ahead >= self.depth || predicted_wait > patience {
             return Err(self.full(ahead));
         }
-        match tokio::time::timeout(patience, self.running.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(self.permit(permit)),
-            _ => Err(self.full(self.waiting.load(Ordering::Acquire).saturating_sub(1))),
+        match tokio::time::timeout(patience, self.wait_turn()).await {
+            Ok(permit) => Ok(permit),
+            Err(_) => Err(self.full(self.waiting.load(Ordering::Acquire).saturating_sub(1))),
+        }
+    }
+
+    /// Wait to be the head of the queue, then for a slot: one of this worker's own, or (when
+    /// slots are shared) one the pool has idle.
+    async fn wait_turn(&self) -> Permit {
+        let _head = self.head.lock().await;
+        loop {
+            if let Some(permit) = self.try_take() {
+                return permit;
+            }
+            if self.pool_slots.is_some() {
+                tokio::select! {
+                    _ = self.freed.notified() => {}
+                    _ = tokio::time::sleep(POLL) => {}
+                }
+            } else if let Ok(slot) = self.own.clone().acquire_owned().await {
+                return self.permit(Some(slot));
+            }
+        }
+    }
+
+    /// A slot now, if there is one: this worker's own, or a borrowed one.
+    fn try_take(&self) -> Option<Permit> {
+        if let Ok(slot) = self.own.clone().try_acquire_owned() {
+            return Some(self.permit(Some(slot)));
+        }
+        let (table, total) = self.table.zip(self.pool_slots)?;
+        // Count it first, then look: two workers borrowing at once both see both, so the pool
+        // never runs more borrowed queries than its total has idle.
+        table.record.query_started();
+        if table.scoreboard.running_queries() <= total {
+            Some(
+                Permit {
+                    own: None,
+                    since: Instant::now(),
+                    service: self.service.clone(),
+                    table: None,
+                    freed: self.freed.clone(),
+                }
+                .counted(table),
+            )
+        } else {
+            table.record.query_finished();
+            None
         }
     }
 
@@ -96,27 +178,60 @@ impl Admission {
         }
     }
 
-    fn permit(&self, permit: OwnedSemaphorePermit) -> Permit {
-        Permit {
-            _slot: permit,
+    /// A permit for one of this worker's own slots, counted in the table.
+    fn permit(&self, own: Option<OwnedSemaphorePermit>) -> Permit {
+        let permit = Permit {
+            own,
             since: Instant::now(),
             service: self.service.clone(),
+            table: None,
+            freed: self.freed.clone(),
+        };
+        match self.table {
+            Some(table) => {
+                table.record.query_started();
+                permit.counted(table)
+            }
+            None => permit,
         }
     }
 }
 
-/// A query's slot. Dropping it frees the slot and feeds the time it was held into the queue's
-/// estimate.
+/// A query's slot. Dropping it frees the slot, tells the queue, and feeds the time it was held
+/// into the queue's estimate.
 #[derive(Debug)]
 pub struct Permit {
-    _slot: OwnedSemaphorePermit,
+    /// `None` for a slot borrowed from the pool.
+    own: Option<OwnedSemaphorePermit>,
     since: Instant,
     service: Arc<ServiceTime>,
+    /// Where the query was counted (it is uncounted on drop).
+    table: Option<SlotTable>,
+    freed: Arc<Notify>,
+}
+
+impl Permit {
+    /// Already counted in `table`.
+    fn counted(mut self, table: SlotTable) -> Self {
+        self.table = Some(table);
+        self
+    }
+
+    /// Whether the slot was borrowed from the pool.
+    #[cfg(test)]
+    fn borrowed(&self) -> bool {
+        self.own.is_none()
+    }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         self.service.record(self.since.elapsed());
+        if let Some(table) = self.table {
+            table.record.query_finished();
+        }
+        drop(self.own.take());
+        self.freed.notify_one();
     }
 }
 
@@ -158,15 +273,92 @@ impl ServiceTime {
 mod tests {
     use super::*;
 
-    fn admission(slots: usize, depth: usize, max_wait: Option<Duration>) -> Admission {
-        Admission::new(&QuerySettings {
+    fn settings(slots: usize, depth: usize, max_wait: Option<Duration>) -> QuerySettings {
+        QuerySettings {
             max_result_rows: 10,
             max_body_bytes: 1024,
             max_query_time: Duration::from_secs(30),
             max_concurrent_queries: slots,
             queue_depth: depth,
             queue_timeout: max_wait,
-        })
+            pool_slots: None,
+        }
+    }
+
+    fn admission(slots: usize, depth: usize, max_wait: Option<Duration>) -> Admission {
+        Admission::new(&settings(slots, depth, max_wait), None)
+    }
+
+    /// Two workers of one slot each, sharing a table of two (or not).
+    fn two_workers(share: bool) -> (Admission, Admission, &'static Scoreboard) {
+        let scoreboard = Scoreboard::map().expect("shared region");
+        let worker = |index| {
+            let mut settings = settings(1, 100, None);
+            settings.pool_slots = share.then_some(2);
+            let record = scoreboard.record(index).expect("record");
+            Admission::new(&settings, Some(SlotTable { record, scoreboard }))
+        };
+        (worker(0), worker(1), scoreboard)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_worker_borrows_the_slot_another_leaves_idle() {
+        let (a, b, scoreboard) = two_workers(true);
+        let first = a
+            .admit(Duration::from_secs(30))
+            .await
+            .expect("its own slot");
+        assert!(!first.borrowed());
+        let second = a
+            .admit(Duration::from_secs(30))
+            .await
+            .expect("b's idle slot");
+        assert!(
+            second.borrowed(),
+            "the second query runs at once on the idle slot"
+        );
+        assert_eq!(scoreboard.running_queries(), 2);
+        // The pool is full: a third waits…
+        let started = tokio::time::Instant::now();
+        let third = a.admit(Duration::from_secs(30));
+        tokio::pin!(third);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut third)
+                .await
+                .is_err(),
+            "the pool's total is taken"
+        );
+        // …but b's own share is never refused.
+        let own = b
+            .admit(Duration::from_secs(30))
+            .await
+            .expect("b's own slot");
+        assert!(!own.borrowed());
+        assert_eq!(scoreboard.running_queries(), 3, "at most twice the total");
+        // Any slot freed anywhere in the pool serves a's queue.
+        drop(own);
+        drop(first);
+        let third = third.await.expect("a freed slot");
+        assert!(started.elapsed() < Duration::from_millis(60));
+        drop((second, third));
+        assert_eq!(scoreboard.running_queries(), 0, "every slot given back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_sharing_a_worker_keeps_to_its_own_slots() {
+        let (a, _b, scoreboard) = two_workers(false);
+        let _first = a
+            .admit(Duration::from_secs(30))
+            .await
+            .expect("its own slot");
+        let second = a.admit(Duration::from_secs(30));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), second)
+                .await
+                .is_err(),
+            "waits although b is idle"
+        );
+        assert_eq!(scoreboard.running_queries(), 1);
     }
 
     /// Teach the estimate that a query holds a slot for `held`.

@@ -102,8 +102,11 @@ pub struct QuerySettings {
     /// Queries that may wait for a slot; more are answered 503 at once.
     pub queue_depth: usize,
     /// Longest wait for a slot before 503, when the operator bounds it; `None` waits as long as
-    /// the query's deadline allows (see [`crate::admission`]).
+    /// the query's deadline allows (the admission policy).
     pub queue_timeout: Option<Duration>,
+    /// The pool's slots (`workers × max_concurrent_queries`) when a worker may borrow the ones
+    /// other workers leave idle (`share_query_slots`); `None` when each keeps to its own.
+    pub pool_slots: Option<usize>,
 }
 
 /// Where access lines go.

@@ -8,7 +8,7 @@ use ferrocorn_query_core::Engine;
 use ferrocorn_scoreboard::{PoolCounters, Scoreboard, WorkerRecord};
 
 use crate::access_log::AccessLog;
-use crate::admission::Admission;
+use crate::admission::{Admission, SlotTable};
 use crate::caching::KeyMemos;
 use crate::request_id::RequestIds;
 use crate::result_cache::ResultCache;
@@ -103,7 +103,7 @@ impl AppState {
             result_cache,
             keys: KeyMemos::default(),
             query: settings.query.clone(),
-            admission: Admission::new(&settings.query),
+            admission: Admission::new(&settings.query, Some(SlotTable { record, scoreboard })),
             settings,
             draining: AtomicBool::new(false),
             on_budget_spent,
