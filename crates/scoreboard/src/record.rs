@@ -46,19 +46,37 @@ shared_struct! {
 impl<const WORDS: usize> AtomicText<WORDS> {
     /// Store `text`, cut to the capacity on a character boundary.
     pub fn store(&self, text: &str) {
+        self.store_parts(&[text]);
+    }
+
+    /// Store the concatenation of `parts` (without building it), cut to the capacity on a
+    /// character boundary.
+    pub fn store_parts(&self, parts: &[&str]) {
         let capacity = WORDS * 8;
-        let mut end = text.len().min(capacity);
-        while !text.is_char_boundary(end) {
-            end -= 1;
+        let mut buf = [0u8; 8];
+        let (mut len, mut word) = (0usize, 0usize);
+        'parts: for part in parts {
+            for (i, c) in part.char_indices() {
+                let size = c.len_utf8();
+                if len + size > capacity {
+                    break 'parts;
+                }
+                for &b in &part.as_bytes()[i..i + size] {
+                    buf[len % 8] = b;
+                    len += 1;
+                    if len % 8 == 0 {
+                        self.words[word].store(u64::from_le_bytes(buf), Ordering::Relaxed);
+                        word += 1;
+                        buf = [0u8; 8];
+                    }
+                }
+            }
         }
-        let bytes = &text.as_bytes()[..end];
-        for (word, chunk) in self.words.iter().zip(bytes.chunks(8)) {
-            let mut buf = [0u8; 8];
-            buf[..chunk.len()].copy_from_slice(chunk);
-            word.store(u64::from_le_bytes(buf), Ordering::Relaxed);
+        if len % 8 != 0 {
+            self.words[word].store(u64::from_le_bytes(buf), Ordering::Relaxed);
         }
-        // `end` is at most WORDS * 8, far below u32::MAX.
-        self.len.store(end as u32, Ordering::Release);
+        // `len` is at most WORDS * 8, far below u32::MAX.
+        self.len.store(len as u32, Ordering::Release);
     }
 
     /// Read the text back (lossy if a concurrent store tore it).
@@ -145,9 +163,10 @@ impl WorkerRecord {
         self.heartbeat_ms.load(Ordering::Relaxed)
     }
 
-    /// Count a request that starts; returns how many this worker has now started.
-    pub fn request_started(&self, line: &str) -> u64 {
-        self.current_request.store(line);
+    /// Count a request that starts (its method and target); returns how many this worker has
+    /// now started.
+    pub fn request_started(&self, method: &str, target: &str) -> u64 {
+        self.current_request.store_parts(&[method, " ", target]);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -224,6 +243,14 @@ mod tests {
         assert_eq!(text.load(), "GET /x");
         text.store("ééééééééé"); // 18 bytes, capacity 16
         assert_eq!(text.load(), "éééééééé");
+        text.store_parts(&["GET", " ", "/0123456789abcdefgh"]);
+        assert_eq!(
+            text.load(),
+            "GET /0123456789a",
+            "parts, cut at the capacity"
+        );
+        text.store_parts(&["a", "é", "bcdefghijklmné"]); // the last é would end at byte 18
+        assert_eq!(text.load(), "aébcdefghijklmn");
     }
 
     #[test]
@@ -249,10 +276,10 @@ mod tests {
         assert_eq!(record.state(), RecordState::Booting);
         assert!(record.request_retirement());
         assert!(!record.request_retirement());
-        assert_eq!(record.request_started("GET /a"), 1);
+        assert_eq!(record.request_started("GET", "/a?b=c"), 1);
         assert_eq!(record.in_flight(), 1);
         record.request_finished();
         assert_eq!(record.in_flight(), 0);
-        assert_eq!(record.current_request(), "GET /a");
+        assert_eq!(record.current_request(), "GET /a?b=c");
     }
 }

@@ -64,48 +64,71 @@ pub fn router(state: Arc<AppState>) -> Result<Router, serde_json::Error> {
 
 /// Runs around every request: limits, request id, accounting, drain.
 async fn front_line(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    let request_id = state
-        .request_ids
-        .assign(request.headers().get("x-request-id"));
-    let received = std::time::Instant::now();
-    // What the access line needs from the request, taken before the handler consumes it.
-    let access = state
-        .access_log
-        .as_ref()
-        .map(|_| RequestFacts::of(&request));
-    crate::request_id::scope(request_id.clone(), async move {
-        let mut response = match check_limits(&state.settings, &request) {
+    let begun = Begun::of(&state, &request);
+    let request_id = begun.request_id.clone();
+    let response = crate::request_id::scope(request_id, async move {
+        match check_limits(&state.settings, &request) {
             Err(e) => e.into_response(),
             Ok(()) => {
-                PoolCounters::add(&state.pool().requests, 1);
-                let line = format!("{} {}", request.method(), request.uri());
-                state.record.request_started(&line);
-                let _in_flight = InFlight(state.record);
-                if let Some(budget) = state.settings.request_budget
-                    && counts_toward_budget(request.uri().path())
-                    && state.budget_used.fetch_add(1, Ordering::Relaxed) + 1 >= budget
-                    && state.record.request_retirement()
-                {
-                    tracing::info!(
-                        slot = state.slot,
-                        pid = state.pid,
-                        requests = budget,
-                        "worker request budget spent; asking for a successor"
-                    );
-                    (state.on_budget_spent)();
-                }
-                tracing::debug!(request_id = %request_id, %line, "request");
+                let _in_flight = state.count(&request);
                 next.run(request).await
             }
-        };
+        }
+    })
+    .await;
+    begun.finish(response)
+}
+
+/// `GET /healthz` answered straight from the connection, before the router: the same answer,
+/// headers, accounting and access line as through it, without the routing and middleware
+/// machinery that would otherwise cost a tenth of a health probe's time (see `docs/design.md`,
+/// "The health path"). `None` for any other request, or one the limits refuse (the router
+/// answers those, with the same problem documents as ever).
+pub fn fast_health<B>(state: &Arc<AppState>, request: &http::Request<B>) -> Option<Response> {
+    if request.method() != http::Method::GET
+        || request.uri().path() != "/healthz"
+        || check_limits(&state.settings, request).is_err()
+    {
+        return None;
+    }
+    let begun = Begun::of(state, request);
+    let _in_flight = state.count(request);
+    Some(begun.finish(health(state)))
+}
+
+/// The front line's record of a request, taken before its handler consumes it.
+struct Begun {
+    state: Arc<AppState>,
+    request_id: String,
+    received: std::time::Instant,
+    /// What the access line needs, when there is an access log.
+    access: Option<RequestFacts>,
+}
+
+impl Begun {
+    fn of<B>(state: &Arc<AppState>, request: &http::Request<B>) -> Self {
+        Self {
+            state: state.clone(),
+            request_id: state
+                .request_ids
+                .assign(request.headers().get("x-request-id")),
+            received: std::time::Instant::now(),
+            access: state.access_log.as_ref().map(|_| RequestFacts::of(request)),
+        }
+    }
+
+    /// The response as it goes out: its request id, `Connection: close` while draining, and
+    /// its access line.
+    fn finish(self, mut response: Response) -> Response {
+        let state = &self.state;
         let headers = response.headers_mut();
-        if let Ok(value) = HeaderValue::from_str(&request_id) {
+        if let Ok(value) = HeaderValue::from_str(&self.request_id) {
             headers.insert("x-request-id", value);
         }
         if state.draining.load(Ordering::Relaxed) {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        if let (Some(log), Some(facts)) = (&state.access_log, &access) {
+        if let (Some(log), Some(facts)) = (&state.access_log, &self.access) {
             let entry = AccessEntry {
                 peer: facts.peer,
                 method: &facts.method,
@@ -119,14 +142,39 @@ async fn front_line(State(state): State<Arc<AppState>>, request: Request, next: 
                     .and_then(|v| v.parse().ok()),
                 referer: facts.referer.as_deref(),
                 user_agent: facts.user_agent.as_deref(),
-                duration: received.elapsed(),
-                request_id: &request_id,
+                duration: self.received.elapsed(),
+                request_id: &self.request_id,
             };
             log.write(&entry.format(std::time::SystemTime::now()));
         }
         response
-    })
-    .await
+    }
+}
+
+impl AppState {
+    /// Count a request that passed the limits: the pool's counter, this worker's record (its
+    /// in-flight count until the guard drops) and its request budget.
+    fn count<B>(&self, request: &http::Request<B>) -> InFlight {
+        PoolCounters::add(&self.pool().requests, 1);
+        self.record.request_started(
+            request.method().as_str(),
+            request.uri().path_and_query().map_or("", |p| p.as_str()),
+        );
+        if let Some(budget) = self.settings.request_budget
+            && counts_toward_budget(request.uri().path())
+            && self.budget_used.fetch_add(1, Ordering::Relaxed) + 1 >= budget
+            && self.record.request_retirement()
+        {
+            tracing::info!(
+                slot = self.slot,
+                pid = self.pid,
+                requests = budget,
+                "worker request budget spent; asking for a successor"
+            );
+            (self.on_budget_spent)();
+        }
+        InFlight(self.record)
+    }
 }
 
 /// The peer's address, inserted into each request by the connection that carries it.
@@ -144,7 +192,7 @@ struct RequestFacts {
 }
 
 impl RequestFacts {
-    fn of(request: &Request) -> Self {
+    fn of<B>(request: &http::Request<B>) -> Self {
         let header_text = |name: header::HeaderName| {
             request
                 .headers()
@@ -178,7 +226,7 @@ impl Drop for InFlight {
     }
 }
 
-fn check_limits(settings: &WorkerSettings, request: &Request) -> Result<(), ApiError> {
+fn check_limits<B>(settings: &WorkerSettings, request: &http::Request<B>) -> Result<(), ApiError> {
     // The request line is "METHOD SP target SP HTTP/1.1"; hyper has parsed it already.
     let uri = request.uri();
     // The target as sent: origin form (path and query), or absolute form with scheme and host.
@@ -205,12 +253,20 @@ fn check_limits(settings: &WorkerSettings, request: &Request) -> Result<(), ApiE
 /// Liveness: answers from the worker's event loop, never touches DuckDB.
 #[utoipa::path(get, path = "/healthz", tag = "operations",
     responses((status = 200, description = "The worker is alive", body = Health)))]
-async fn healthz(State(state): State<Arc<AppState>>) -> Json<Health> {
-    Json(Health {
-        status: "ok",
-        slot: state.slot,
-        pid: state.pid,
-    })
+async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+    health(&state)
+}
+
+/// The health answer: the worker's [`Health`], serialised once when the worker starts.
+fn health(state: &AppState) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        state.health_body.clone(),
+    )
+        .into_response()
 }
 
 /// Readiness: the worker's DuckDB answers `SELECT 1`.

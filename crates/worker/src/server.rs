@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ferrocorn_query_core::{Engine, Instance};
+use futures_util::future::Either;
 use hyper::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -28,7 +29,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tower::ServiceExt;
 
 use crate::access_log::AccessLog;
-use crate::http::{PeerAddr, router};
+use crate::http::{PeerAddr, fast_health, router};
 use crate::settings::{Listener, WorkerArgs, WorkerSettings};
 use crate::state::{AppState, StateParts, refresh_catalog};
 use ferrocorn_query_core::error::chain as error_chain;
@@ -569,18 +570,22 @@ async fn serve_connection<G: Send + 'static>(
         }
         _ => None,
     };
+    let slot = state.slot;
     let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
         if let Some(peer) = peer {
             request.extensions_mut().insert(peer);
         }
-        app.clone().oneshot(request)
+        match fast_health(&state, &request) {
+            Some(response) => Either::Left(std::future::ready(Ok(response))),
+            None => Either::Right(app.clone().oneshot(request)),
+        }
     });
     let result = match stream {
         Stream::Tcp(s) => builder.serve_connection(TokioIo::new(s), service).await,
         Stream::Unix(s) => builder.serve_connection(TokioIo::new(s), service).await,
     };
     if let Err(e) = result {
-        tracing::debug!(slot = state.slot, error = %e, "connection ended with an error");
+        tracing::debug!(slot, error = %e, "connection ended with an error");
     }
     drop(guard);
 }

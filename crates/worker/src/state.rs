@@ -9,6 +9,7 @@ use ferrocorn_scoreboard::{PoolCounters, Scoreboard, WorkerRecord};
 
 use crate::access_log::AccessLog;
 use crate::admission::{Admission, SlotTable};
+use crate::api::Health;
 use crate::caching::KeyMemos;
 use crate::request_id::RequestIds;
 use crate::result_cache::ResultCache;
@@ -40,6 +41,8 @@ pub struct AppState {
     /// What enforces the worker's file-system boundary.
     pub sandbox: SandboxStatus,
     pub request_ids: RequestIds,
+    /// `/healthz`'s body, serialised once.
+    pub health_body: bytes::Bytes,
 }
 
 impl std::fmt::Debug for AppState {
@@ -111,6 +114,13 @@ impl AppState {
             access_log,
             sandbox,
             request_ids: RequestIds::new(std::process::id()),
+            health_body: serde_json::to_vec(&Health {
+                status: "ok",
+                slot,
+                pid: std::process::id(),
+            })
+            .unwrap_or_default()
+            .into(),
         }
     }
 
