@@ -498,6 +498,120 @@ fn a_burst_beyond_the_slots_waits_when_deadlines_allow_and_is_refused_when_they_
     }
 }
 
+fn decode(response: &crate::support::Response) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    match response.header("content-encoding") {
+        Some("zstd") => {
+            zstd::stream::read::Decoder::new(response.body.as_slice())
+                .expect("zstd decoder")
+                .read_to_end(&mut out)
+                .expect("valid zstd");
+        }
+        Some("gzip") => {
+            flate2::read::GzDecoder::new(response.body.as_slice())
+                .read_to_end(&mut out)
+                .expect("valid gzip");
+        }
+        None => out = response.body.clone(),
+        Some(other) => panic!("unexpected coding {other}"),
+    }
+    out
+}
+
+#[test]
+fn results_are_compressed_as_negotiated_cached_per_coding_and_say_vary() {
+    let server = Setup::new().with_sample_data().start();
+    let addr = server.addr();
+    let path = format!(
+        "/v1/query?sql={}",
+        encode("SELECT * FROM orders ORDER BY 1")
+    );
+    let plain = get_with(addr, &path, &[]).expect("plain");
+    assert_eq!(plain.status, 200);
+    assert_eq!(plain.header("content-encoding"), None);
+    assert_eq!(plain.header("vary"), Some("Accept, Accept-Encoding"));
+    for (accept, coding) in [
+        ("gzip, deflate, br, zstd", "zstd"),
+        ("gzip", "gzip"),
+        ("zstd;q=0.1, gzip;q=0.9", "gzip"),
+    ] {
+        for round in ["stored", "from the result cache"] {
+            let fetch = || get_with(addr, &path, &[("Accept-Encoding", accept)]).expect("coded");
+            let response = if round == "stored" {
+                fetch()
+            } else {
+                // The store happens after the answer: the next request finds it soon.
+                poll_until(
+                    "the coded result in the cache",
+                    Duration::from_secs(10),
+                    || {
+                        let r = fetch();
+                        (r.header("x-cache") == Some("hit")).then_some(r)
+                    },
+                )
+            };
+            assert_eq!(response.status, 200);
+            assert_eq!(
+                response.header("content-encoding"),
+                Some(coding),
+                "{accept}, {round}"
+            );
+            assert_eq!(response.header("vary"), Some("Accept, Accept-Encoding"));
+            assert_eq!(decode(&response), plain.body, "{accept}, {round}");
+            if round == "from the result cache" {
+                assert_eq!(response.header("x-cache"), Some("hit"));
+            }
+            // Each coding is its own representation, with its own ETag.
+            assert_ne!(response.header("etag"), plain.header("etag"));
+        }
+    }
+    // A conditional request names its representation; the 304 says Vary too.
+    let gzip = get_with(addr, &path, &[("Accept-Encoding", "gzip")]).expect("gzip");
+    let etag = gzip.header("etag").expect("etag").to_owned();
+    let revalidated = get_with(
+        addr,
+        &path,
+        &[("Accept-Encoding", "gzip"), ("If-None-Match", &etag)],
+    )
+    .expect("304");
+    assert_eq!(revalidated.status, 304);
+    assert_eq!(revalidated.header("vary"), Some("Accept, Accept-Encoding"));
+    // Parquet is compressed by its own pages: never again.
+    let parquet = get_with(
+        addr,
+        &format!("{path}&format=parquet"),
+        &[("Accept-Encoding", "zstd, gzip")],
+    )
+    .expect("parquet");
+    assert_eq!(parquet.header("content-encoding"), None);
+    assert_eq!(parquet.header("vary"), Some("Accept, Accept-Encoding"));
+}
+
+#[test]
+fn a_streamed_result_is_compressed_whole() {
+    let server = Setup::new().start();
+    // Several MiB of NDJSON that compress to more than the first buffer: streamed, chunk by
+    // chunk.
+    let sql = "SELECT range AS n, md5(range::VARCHAR) AS h FROM range(300000)";
+    let path = format!("/v1/query?format=ndjson&sql={}", encode(sql));
+    let plain = get_with(server.addr(), &path, &[("Cache-Control", "no-store")]).expect("plain");
+    assert_eq!(plain.status, 200);
+    assert!(plain.body.len() > 4 << 20, "{} bytes", plain.body.len());
+    for coding in ["zstd", "gzip"] {
+        let response = get_with(
+            server.addr(),
+            &path,
+            &[("Accept-Encoding", coding), ("Cache-Control", "no-store")],
+        )
+        .expect("compressed");
+        assert_eq!(response.header("content-encoding"), Some(coding));
+        assert!(response.header("content-length").is_none(), "streamed");
+        assert!(response.body.len() < plain.body.len() * 2 / 3);
+        assert_eq!(decode(&response), plain.body, "{coding}");
+    }
+}
+
 #[test]
 fn term_lets_an_in_flight_query_finish_then_exits_zero() {
     let mut server = Setup::new()

@@ -1,7 +1,7 @@
 //! Result caching and conditional requests for `/v1/query`.
 //!
 //! A statement the gate finds deterministic and that reads datasets gets a result key and an
-//! `ETag` made of its exact text, its parameters, format, row limit and the versions of the
+//! `ETag` made of its exact text, its parameters, format, content coding, row limit and the versions of the
 //! datasets it reads ([`RequestShape::key`]): `If-None-Match` with it is answered 304 without
 //! running anything, and a result that fits the first buffer is kept in the pool's result cache
 //! ([`crate::result_cache`]). Each worker remembers the key of each request shape per catalogue
@@ -16,6 +16,7 @@ use hashlink::LruCache;
 use http::{HeaderMap, HeaderValue, header};
 
 use crate::api::QueryBody;
+use crate::compress::Coding;
 use crate::result_cache::CacheKey;
 
 /// Request shapes whose result key a worker remembers, and the longest statement remembered.
@@ -38,12 +39,21 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The headers of a 200 answer before its result's own: media type, download name, and what
 /// caches may do with it (`hit`: it comes from the result cache).
-pub fn answer_headers(format: Format, cache: Option<&Caching>, hit: bool) -> HeaderMap {
+pub fn answer_headers(
+    format: Format,
+    coding: Coding,
+    cache: Option<&Caching>,
+    hit: bool,
+) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static(format.media_type()),
     );
+    insert_vary(&mut headers);
+    if let Some(token) = coding.token() {
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static(token));
+    }
     if format == Format::Parquet {
         headers.insert(
             header::CONTENT_DISPOSITION,
@@ -65,6 +75,15 @@ pub fn answer_headers(format: Format, cache: Option<&Caching>, hit: bool) -> Hea
         }
     }
     headers
+}
+
+/// One URL answers in five formats and three codings, chosen by the request's headers: every
+/// negotiated answer (a 304 too) says which headers chose it.
+pub fn insert_vary(headers: &mut HeaderMap) {
+    headers.insert(
+        header::VARY,
+        HeaderValue::from_static("Accept, Accept-Encoding"),
+    );
 }
 
 /// How one request may use the result cache and conditional requests.
@@ -132,6 +151,7 @@ struct KeyMemo {
     sql: String,
     params: Vec<u8>,
     format: Format,
+    coding: Coding,
     max_rows: u64,
     /// The catalogue the key was computed from; held, so that no later catalogue can have its
     /// address.
@@ -146,6 +166,7 @@ pub struct RequestShape<'b> {
     body: &'b QueryBody,
     params: Vec<u8>,
     format: Format,
+    coding: Coding,
     max_rows: u64,
     catalog: Arc<Vec<DatasetInfo>>,
     fingerprint: u64,
@@ -156,6 +177,7 @@ impl<'b> RequestShape<'b> {
         catalog: Arc<Vec<DatasetInfo>>,
         body: &'b QueryBody,
         format: Format,
+        coding: Coding,
         max_rows: u64,
     ) -> Self {
         use std::hash::{Hash, Hasher};
@@ -165,11 +187,12 @@ impl<'b> RequestShape<'b> {
             .map(|p| serde_json::to_vec(p).unwrap_or_default())
             .unwrap_or_default();
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (&body.sql, &params, format.name(), max_rows).hash(&mut hasher);
+        (&body.sql, &params, format.name(), coding, max_rows).hash(&mut hasher);
         Self {
             body,
             params,
             format,
+            coding,
             max_rows,
             catalog,
             fingerprint: hasher.finish(),
@@ -184,6 +207,7 @@ impl<'b> RequestShape<'b> {
             && memo.sql == self.body.sql
             && memo.params == self.params
             && memo.format == self.format
+            && memo.coding == self.coding
             && memo.max_rows == self.max_rows)
             .then(|| (memo.key.clone(), memo.etag.clone()))
     }
@@ -210,6 +234,7 @@ impl<'b> RequestShape<'b> {
             self.body.sql.as_bytes(),
             &self.params,
             self.format.name().as_bytes(),
+            self.coding.token().unwrap_or("identity").as_bytes(),
             &max_rows_bytes,
         ];
         for info in &datasets {
@@ -225,6 +250,7 @@ impl<'b> RequestShape<'b> {
                     sql: self.body.sql.clone(),
                     params: self.params,
                     format: self.format,
+                    coding: self.coding,
                     max_rows: self.max_rows,
                     catalog: self.catalog.clone(),
                     key: key.clone(),

@@ -40,6 +40,7 @@ mod access_log;
 mod admission;
 mod api;
 mod caching;
+mod compress;
 mod http;
 mod logfile;
 mod metrics;

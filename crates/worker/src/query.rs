@@ -20,7 +20,8 @@ use ferrocorn_scoreboard::PoolCounters;
 use http::{HeaderMap, StatusCode, header};
 
 use crate::api::{QueryBody, QueryErrors, QueryResult};
-use crate::caching::{Caching, RequestShape, answer_headers};
+use crate::caching::{Caching, RequestShape, answer_headers, insert_vary};
+use crate::compress::Coding;
 use crate::negotiate::negotiate;
 use crate::problem::{ApiError, Problem};
 use crate::result_cache::Entry;
@@ -151,6 +152,12 @@ async fn run_query(
         body.format.as_deref(),
         headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()),
     )?;
+    let coding = Coding::negotiate(
+        format,
+        headers
+            .get(header::ACCEPT_ENCODING)
+            .and_then(|v| v.to_str().ok()),
+    );
     let params = Params::from_json(body.params.as_ref()).map_err(|e| ApiError::Query(e.into()))?;
     let explain = body
         .explain
@@ -177,7 +184,7 @@ async fn run_query(
     // no query slot and costs DuckDB one parse.
     let shape = explain
         .is_none()
-        .then(|| RequestShape::of(state.engine.catalog(), &body, format, max_rows));
+        .then(|| RequestShape::of(state.engine.catalog(), &body, format, coding, max_rows));
     let key = match shape.as_ref().and_then(|s| s.remembered(&state.keys)) {
         Some(known) => Some(known),
         None => {
@@ -192,6 +199,7 @@ async fn run_query(
             PoolCounters::add(&state.pool().not_modified, 1);
             let mut response_headers = HeaderMap::new();
             cache.insert_headers(&mut response_headers);
+            insert_vary(&mut response_headers);
             return Ok((StatusCode::NOT_MODIFIED, response_headers).into_response());
         }
         if cache.read
@@ -207,7 +215,7 @@ async fn run_query(
                 }
             };
             if let Some(entry) = hit {
-                let mut response_headers = answer_headers(format, Some(cache), true);
+                let mut response_headers = answer_headers(format, coding, Some(cache), true);
                 let summary = Summary {
                     rows: entry.rows,
                     truncated: entry.truncated,
@@ -238,8 +246,9 @@ async fn run_query(
         max_rows,
         explain,
         format,
+        coding,
     };
-    let response_headers = answer_headers(format, cache.as_ref(), false);
+    let response_headers = answer_headers(format, coding, cache.as_ref(), false);
     let store = cache.filter(|c| c.write).zip(state.result_cache.clone());
     let (response_headers, body) = respond(
         state.engine.clone(),

@@ -26,6 +26,7 @@ use hyper::body::Frame;
 use tokio::sync::mpsc;
 
 use crate::admission::Permit;
+use crate::compress::{Coding, Compressor};
 use crate::problem::ApiError;
 
 /// Bytes buffered before the response headers go out: a result that fits is sent with its
@@ -40,6 +41,8 @@ pub struct Job {
     pub max_rows: u64,
     pub explain: Option<Explain>,
     pub format: Format,
+    /// The response's content coding: the query thread compresses as it encodes.
+    pub coding: Coding,
 }
 
 /// Chunks from the query thread to the response.
@@ -165,6 +168,8 @@ impl Drop for Running {
 struct ChannelSink {
     tx: mpsc::Sender<Chunk>,
     cancel: Arc<Cancel>,
+    /// Compresses the encoded bytes, when the response has a content coding.
+    compressor: Option<Compressor>,
 }
 
 impl Drop for ChannelSink {
@@ -193,7 +198,40 @@ impl ChunkSink for ChannelSink {
     }
 
     fn chunk(&mut self, bytes: Vec<u8>) -> Flow {
-        self.send(Chunk::Data(bytes))
+        let Some(compressor) = &mut self.compressor else {
+            return self.send(Chunk::Data(bytes));
+        };
+        match compressor.push(&bytes) {
+            Ok(compressed) if compressed.is_empty() => Flow::Continue,
+            Ok(compressed) => self.send(Chunk::Data(compressed)),
+            Err(e) => {
+                tracing::warn!(error = %e, "compressing a result failed");
+                Flow::Stop
+            }
+        }
+    }
+}
+
+impl ChannelSink {
+    /// The end of a successful result: the compressor's last bytes, then `end`.
+    fn end(&mut self, end: Chunk) {
+        if let Some(compressor) = self.compressor.take() {
+            match compressor.finish() {
+                Ok(rest) if rest.is_empty() => {}
+                Ok(rest) => {
+                    if self.send(Chunk::Data(rest)) == Flow::Stop {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = self.send(Chunk::Failed(QueryError::from_message(format!(
+                        "compressing the result failed: {e}"
+                    ))));
+                    return;
+                }
+            }
+        }
+        let _ = self.send(end);
     }
 }
 
@@ -218,26 +256,32 @@ pub async fn respond(
 ) -> Result<(HeaderMap, Body), ApiError> {
     let running = Running::start(permit, deadline);
     let (tx, mut rx) = mpsc::channel::<Chunk>(4);
-    let format = job.format;
+    // An error line can end a plain NDJSON stream; a compressed one can only be cut short.
+    let error_line = job.format == Format::Ndjson && job.coding == Coding::Identity;
     let exec_started = Instant::now();
     {
         let cancel = running.cancel.clone();
         tokio::task::spawn_blocking(move || {
-            let mut sink = ChannelSink { tx, cancel };
+            let mut sink = ChannelSink {
+                tx,
+                cancel,
+                compressor: job.coding.compressor(),
+            };
             let spec = QuerySpec {
                 sql: &job.sql,
                 params: &job.params,
                 max_rows: job.max_rows,
                 explain: job.explain,
             };
-            let last = match engine.run_encoded(&spec, job.format, &mut sink) {
-                Ok(Encoded { stopped: true, .. }) => return,
+            match engine.run_encoded(&spec, job.format, &mut sink) {
+                Ok(Encoded { stopped: true, .. }) => {}
                 Ok(Encoded {
                     summary, encode, ..
-                }) => Chunk::End { summary, encode },
-                Err(e) => Chunk::Failed(e),
-            };
-            let _ = sink.send(last);
+                }) => sink.end(Chunk::End { summary, encode }),
+                Err(e) => {
+                    let _ = sink.send(Chunk::Failed(e));
+                }
+            }
         });
     }
 
@@ -308,7 +352,7 @@ pub async fn respond(
                 Some(Chunk::Failed(e)) => {
                     let problem = running.fail(e);
                     tracing::warn!(error = %problem, "query failed after the response started");
-                    if format == Format::Ndjson {
+                    if error_line {
                         Ok(Frame::data(Bytes::from(problem.ndjson_line())))
                     } else {
                         Err(std::io::Error::other(problem.to_string()))
