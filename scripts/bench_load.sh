@@ -13,7 +13,10 @@
 #    ready and the next) against the pool's p99 over the same run.
 # 3. Point lookups against raw DuckDB in-process on the same snapshot with the same threads
 #    (benches/point_lookup.rs).
-# 4. /healthz against the bare hyper server (examples/bare_hyper.rs, 4 processes on
+# 4. A 1,000,000-row export of lineitem as JSON, CSV and Arrow, with and without compression
+#    (Accept-Encoding: zstd, gzip): seconds, bytes on the wire and MB/s of the uncompressed
+#    result, medians of 3.
+# 5. /healthz against the bare hyper server (examples/bare_hyper.rs, 4 processes on
 #    SO_REUSEPORT listeners), with the default configuration and with max_requests = 0,
 #    alternating, 3 rounds of 5 s, medians.
 #
@@ -206,7 +209,32 @@ echo "| --- | --- | --- |"
 awk -v s="$lookups" -v r="$raw_rate" 'BEGIN {printf "| %.0f req/s | %.0f lookups/s | %.0f %% |\n", s, r, 100 * s / r}'
 echo
 
-# --- 4. /healthz against bare hyper --------------------------------------------------------------
+# --- 4. Exports with and without compression -----------------------------------------------------
+export_url="$base/v1/query?sql=$(urlencode "SELECT * FROM lineitem LIMIT 1000000")"
+echo "## A 1,000,000-row export of lineitem, medians of 3 (Cache-Control: no-store)"
+echo
+echo "| format | coding | time | bytes on the wire | uncompressed MB/s |"
+echo "| --- | --- | --- | --- | --- |"
+for format in json csv arrow; do
+  plain_bytes=""
+  for coding in identity zstd gzip; do
+    samples=()
+    for _ in 1 2 3; do
+      samples+=("$(curl -fsS -o /dev/null -w '%{time_total} %{size_download}' -H 'Cache-Control: no-store' \
+        -H "Accept-Encoding: $coding" "$export_url&format=$format")")
+    done
+    line="$(printf '%s\n' "${samples[@]}" | sort -g | sed -n 2p)"
+    time="${line% *}"
+    bytes="${line#* }"
+    [ "$coding" = identity ] && plain_bytes="$bytes"
+    awk -v f="$format" -v c="$coding" -v t="$time" -v b="$bytes" -v p="$plain_bytes" 'BEGIN {
+      printf "| %s | %s | %.2f s | %.1f MB (%.0f %%) | %.0f |\n", f, c, t, b / 1e6, 100 * b / p, p / 1e6 / t
+    }'
+  done
+done
+echo
+
+# --- 5. /healthz against bare hyper --------------------------------------------------------------
 main_base="$base"
 start norecycle "max_requests = 0"
 norecycle_base="$base"

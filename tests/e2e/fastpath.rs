@@ -162,7 +162,11 @@ fn replacing_a_parquet_file_under_load_gives_new_answers_and_never_the_old_one_a
 
 #[test]
 fn etag_revalidation_cache_control_and_metrics() {
-    let server = Setup::new().with_sample_data().start();
+    // Every result on disk, however quick (the disk's byte count is among the metrics).
+    let server = Setup::new()
+        .with_sample_data()
+        .key("result_cache_min_ms", "0")
+        .start();
     let addr = server.addr();
     let body =
         json!({"sql": "SELECT status, count(*) AS n FROM orders GROUP BY status ORDER BY status"});
@@ -260,7 +264,9 @@ fn the_result_cache_can_be_switched_off() {
 fn the_result_cache_stays_within_its_byte_bound() {
     let setup = Setup::new()
         .with_sample_data()
-        .key("result_cache_size", "\"1MiB\"");
+        .key("result_cache_size", "\"1MiB\"")
+        // Every result on disk, however quick.
+        .key("result_cache_min_ms", "0");
     let results = setup.path("cache/results");
     let server = setup.start();
     let bound = 1u64 << 20;
@@ -362,7 +368,10 @@ fn a_worker_killed_mid_build_leaves_no_half_written_snapshot_in_use() {
 
 #[test]
 fn snapshots_and_cached_results_survive_a_restart() {
-    let setup = Setup::new().with_sample_data().key("workers", "1");
+    let setup = Setup::new()
+        .with_sample_data()
+        .key("workers", "1")
+        .key("result_cache_min_ms", "0");
     let snapshots = setup.path("cache/snapshots");
     let server = setup.start();
     let orders = wait_for_snapshot(&server, "orders", "");
@@ -437,5 +446,35 @@ fn an_idle_pool_rebuilds_a_changed_snapshot_before_any_request() {
     assert_eq!(
         query(server.addr(), "SELECT count(*) FROM orders").json()["rows"][0][0],
         500
+    );
+}
+
+#[test]
+fn quick_results_stay_in_memory_and_slow_ones_go_to_disk() {
+    let setup = Setup::new()
+        .with_sample_data()
+        .key("workers", "1")
+        .key("result_cache_min_ms", "50");
+    let results = setup.path("cache/results");
+    let server = setup.start();
+    // Quick: a lookup. Its repeat is answered from the worker's memory; nothing reaches disk.
+    let quick = "SELECT * FROM orders WHERE order_id = 3";
+    for _ in 0..3 {
+        assert_eq!(query(server.addr(), quick).status, 200);
+    }
+    let again = query(server.addr(), quick);
+    assert_eq!(again.header("x-cache"), Some("hit"));
+    // Slow: the same table crossed with a range, well over 50 ms. It is stored on disk.
+    let slow = "SELECT count(*) AS n FROM orders, range(20000000)";
+    let first = query(server.addr(), slow);
+    assert_eq!(first.status, 200);
+    poll_until("the slow result on disk", Duration::from_secs(10), || {
+        (files_with_suffix(&results, ".entry").len() == 1).then_some(())
+    });
+    assert_eq!(query(server.addr(), slow).header("x-cache"), Some("hit"));
+    assert_eq!(
+        files_with_suffix(&results, ".entry").len(),
+        1,
+        "only the slow result went to disk"
     );
 }

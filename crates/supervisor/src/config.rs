@@ -256,6 +256,7 @@ pub struct Config {
     pub sandbox: SandboxMode,
     /// The result cache's byte bound; `None` when it is off.
     pub result_cache_bytes: Option<u64>,
+    pub result_cache_min: Duration,
     pub loglevel: String,
     pub errorlog: Option<PathBuf>,
     pub accesslog: Option<AccessLogTarget>,
@@ -487,6 +488,10 @@ impl Config {
             datasets,
             sandbox: require(&raw.sandbox, "sandbox")?,
             result_cache_bytes,
+            result_cache_min: Duration::from_millis(ranged!(
+                raw.result_cache_min_ms,
+                0..=3_600_000
+            )?),
             loglevel,
             errorlog,
             accesslog,

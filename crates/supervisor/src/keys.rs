@@ -273,6 +273,10 @@ keys! {
     result_cache_size: String = Some("256MiB".to_owned()),
     arg(long, value_name = "SIZE"),
     restart = false;
+    /// Milliseconds of computing below which a result is kept in its worker's memory, not on disk.
+    result_cache_min_ms: u64 = Some(5),
+    arg(long, value_name = "MS"),
+    restart = false;
     /// Log level: debug, info, warning, error.
     loglevel: String = Some("info".to_owned()),
     arg(long = "log-level", value_name = "LEVEL"),

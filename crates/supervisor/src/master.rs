@@ -450,6 +450,7 @@ impl Master {
             result_cache: c.result_cache_bytes.map(|max_bytes| ResultCacheSettings {
                 dir: c.cache_dir.join("results"),
                 max_bytes,
+                disk_worthy: c.result_cache_min,
             }),
             sandbox: c.sandbox,
             log_files: c

@@ -86,6 +86,48 @@ pub fn insert_vary(headers: &mut HeaderMap) {
     );
 }
 
+/// Statements this worker has seen compute faster than `result_cache_min_ms`, by their text:
+/// their results are neither looked up on disk nor stored there (a miss in memory runs them at
+/// once). Storing a result on disk (a file written, renamed and counted under the directory's
+/// lock, on the blocking pool) and reading it back cost more than running a point lookup on an
+/// indexed snapshot again.
+#[derive(Debug)]
+pub struct CheapStatements {
+    seen: Mutex<LruCache<u64, bool>>,
+    below: std::time::Duration,
+}
+
+impl CheapStatements {
+    pub fn new(below: std::time::Duration) -> Self {
+        Self {
+            seen: Mutex::new(LruCache::new(REMEMBERED_SHAPES)),
+            below,
+        }
+    }
+
+    fn hash(sql: &str) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        sql.hash(&mut hasher);
+        hasher.finish()
+    }
+
+    /// Whether `sql` last computed in under the threshold.
+    pub fn is_cheap(&self, sql: &str) -> bool {
+        lock(&self.seen)
+            .get(&Self::hash(sql))
+            .copied()
+            .unwrap_or(false)
+    }
+
+    /// Remember how long `sql` took; returns whether it is cheap.
+    pub fn record(&self, sql: &str, took: std::time::Duration) -> bool {
+        let cheap = took < self.below;
+        lock(&self.seen).insert(Self::hash(sql), cheap);
+        cheap
+    }
+}
+
 /// How one request may use the result cache and conditional requests.
 #[derive(Debug)]
 pub struct Caching {

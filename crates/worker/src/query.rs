@@ -207,6 +207,11 @@ async fn run_query(
         {
             let hit = match store.get_hot(&cache.key) {
                 Some(entry) => Some(entry),
+                // A cheap statement's results are only ever kept in memory.
+                None if state.cheap.is_cheap(&body.sql) => {
+                    store.note_miss();
+                    None
+                }
                 None => {
                     let key = cache.key.clone();
                     tokio::task::spawn_blocking(move || store.load(&key))
@@ -240,6 +245,11 @@ async fn run_query(
         }
     })?;
     let queued = received.elapsed();
+    let response_headers = answer_headers(format, coding, cache.as_ref(), false);
+    let store = cache.filter(|c| c.write).zip(state.result_cache.clone());
+    // Where the result goes depends on what it cost (`result_cache_min_ms`).
+    let sql = store.is_some().then(|| body.sql.clone());
+    let worker = state.clone();
     let job = Job {
         sql: body.sql,
         params,
@@ -248,8 +258,6 @@ async fn run_query(
         format,
         coding,
     };
-    let response_headers = answer_headers(format, coding, cache.as_ref(), false);
-    let store = cache.filter(|c| c.write).zip(state.result_cache.clone());
     let (response_headers, body) = respond(
         state.engine.clone(),
         job,
@@ -258,13 +266,17 @@ async fn run_query(
         queued,
         response_headers,
         move |whole| {
-            if let Some((cache, store)) = store {
+            if let Some(((cache, store), sql)) = store.zip(sql) {
                 let entry = Entry {
                     rows: whole.summary.rows,
                     truncated: whole.summary.truncated,
                     body: whole.body.clone(),
                 };
-                tokio::task::spawn_blocking(move || store.put(&cache.key, &entry));
+                if worker.cheap.record(&sql, whole.took) {
+                    store.put_hot(&cache.key, &entry);
+                } else {
+                    tokio::task::spawn_blocking(move || store.put(&cache.key, &entry));
+                }
             }
         },
     )

@@ -8,7 +8,9 @@
 //! versions are simply never asked for again and age out.
 //!
 //! Each worker also keeps the entries it served last in memory (a small LRU bounded in bytes), so
-//! a hot result is answered without a file read or a trip to the blocking pool.
+//! a hot result is answered without a file read or a trip to the blocking pool. A result that
+//! was quick to compute is kept there only ([`ResultCache::put_hot`]): computing it again costs
+//! less than a file's store and read (the request handler decides which).
 //!
 //! Writes are atomic: the entry is written to a temporary file and renamed into place. The byte
 //! bound holds at all times: under the directory's lock (`flock` on `lock`), a store first makes
@@ -219,6 +221,18 @@ impl ResultCache {
         }
     }
 
+    /// Keep an entry in this worker's memory only: for a result cheaper to compute again than
+    /// to store and read back from disk. Never blocks.
+    pub fn put_hot(&self, key: &CacheKey, entry: &Entry) {
+        self.hot().insert(key, entry);
+        PoolCounters::add(&self.counters.cache_stores, 1);
+    }
+
+    /// Count a miss that did not look on disk (the statement's results live in memory only).
+    pub fn note_miss(&self) {
+        PoolCounters::add(&self.counters.cache_misses, 1);
+    }
+
     fn store(&self, key: &CacheKey, data: &[u8]) -> std::io::Result<()> {
         let temp = self.dir.join(format!(
             ".tmp-{}-{}",
@@ -381,6 +395,7 @@ mod tests {
         let settings = ResultCacheSettings {
             dir: dir.path().join("results"),
             max_bytes: 1 << 20,
+            disk_worthy: Duration::ZERO,
         };
         let cache = ResultCache::open(&settings, counters).expect("open");
         let key = CacheKey::new([b"q".as_slice()]);
@@ -409,6 +424,7 @@ mod tests {
         let settings = ResultCacheSettings {
             dir: dir.path().to_owned(),
             max_bytes: 1 << 20,
+            disk_worthy: Duration::ZERO,
         };
         let cache = ResultCache::open(&settings, counters()).expect("open");
         let key = CacheKey::new([b"q".as_slice()]);
@@ -428,6 +444,7 @@ mod tests {
         let settings = ResultCacheSettings {
             dir: dir.path().to_owned(),
             max_bytes: 64 << 10,
+            disk_worthy: Duration::ZERO,
         };
         let cache = ResultCache::open(&settings, counters).expect("open");
         let keys: Vec<CacheKey> = (0..200u32)
@@ -467,6 +484,7 @@ mod tests {
         let settings = ResultCacheSettings {
             dir: dir.path().to_owned(),
             max_bytes: 1 << 30,
+            disk_worthy: Duration::ZERO,
         };
         let cache = ResultCache::open(&settings, counters).expect("open");
         let key = CacheKey::new([b"q".as_slice()]);
@@ -494,6 +512,7 @@ mod tests {
         let settings = ResultCacheSettings {
             dir: dir.path().to_owned(),
             max_bytes: 1 << 20,
+            disk_worthy: Duration::ZERO,
         };
         let stale = dir.path().join(".tmp-1-0");
         let fresh = dir.path().join(".tmp-1-1");

@@ -123,6 +123,9 @@ pub struct ResultCacheSettings {
     pub dir: PathBuf,
     /// Most bytes all entries together may take.
     pub max_bytes: u64,
+    /// Results computed faster than this stay in the worker's memory, not on disk
+    /// (`result_cache_min_ms`).
+    pub disk_worthy: Duration,
 }
 
 /// Whether a worker may serve without the kernel's wall.

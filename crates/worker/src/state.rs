@@ -10,7 +10,7 @@ use ferrocorn_scoreboard::{PoolCounters, Scoreboard, WorkerRecord};
 use crate::access_log::AccessLog;
 use crate::admission::{Admission, SlotTable};
 use crate::api::Health;
-use crate::caching::KeyMemos;
+use crate::caching::{CheapStatements, KeyMemos};
 use crate::request_id::RequestIds;
 use crate::result_cache::ResultCache;
 use crate::sandbox::SandboxStatus;
@@ -27,6 +27,8 @@ pub struct AppState {
     pub result_cache: Option<Arc<ResultCache>>,
     /// Result keys of recent request shapes.
     pub keys: KeyMemos,
+    /// Statements whose results are cheaper to compute than to keep on disk.
+    pub cheap: CheapStatements,
     pub settings: WorkerSettings,
     pub query: QuerySettings,
     pub admission: Admission,
@@ -105,6 +107,12 @@ impl AppState {
             scoreboard,
             result_cache,
             keys: KeyMemos::default(),
+            cheap: CheapStatements::new(
+                settings
+                    .result_cache
+                    .as_ref()
+                    .map_or(std::time::Duration::ZERO, |c| c.disk_worthy),
+            ),
             query: settings.query.clone(),
             admission: Admission::new(&settings.query, Some(SlotTable { record, scoreboard })),
             settings,

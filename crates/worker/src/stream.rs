@@ -240,6 +240,8 @@ impl ChannelSink {
 pub struct Whole {
     pub summary: Summary,
     pub body: Bytes,
+    /// How long DuckDB and the encoder took.
+    pub took: Duration,
 }
 
 /// Run `job` with its admission `permit`, stopped at `deadline`; `queued` is how long it waited.
@@ -308,6 +310,7 @@ pub async fn respond(
         let whole = Whole {
             summary,
             body: Bytes::from(buffered),
+            took: exec_started.elapsed(),
         };
         on_whole(&whole);
         return Ok((headers, Body::from(whole.body)));
