@@ -7,7 +7,8 @@
 # 1. 100 concurrent TPC-H Q1 (Cache-Control: no-cache): answers by status, wall time, peak pool
 #    RSS, against 100 × one Q1's time / cores.
 # 2. Point lookups by bound key, the dashboard aggregate (no-cache) and the BI mix
-#    (scripts/wrk/*.lua) at -c30 and -c100, SECONDS each, recycling at its default: req/s,
+#    (scripts/wrk/*.lua) at -c30 and -c100, SECONDS each (wrk waits up to 30 s for an answer,
+#    the query deadline), recycling at its default: req/s,
 #    p50/p99, non-2xx answers and socket errors, recycles per minute, and the p99 of requests a
 #    successor served in its first second (the access log's resolution: the second it became
 #    ready and the next) against the pool's p99 over the same run.
@@ -73,43 +74,8 @@ def p99(xs):
 print(f"{p99(first)} ms (n={len(first)}) vs {p99(every)} ms" if first else f"- (no successor) vs {p99(every)} ms")
 PY
 
-# start NAME EXTRA_TOML: a pool with the documented defaults; sets $base and $master.
-start() {
-  local name="$1" extra="$2"
-  cat >"$work/$name.toml" <<EOF
-bind = ["127.0.0.1:0"]
-data_dir = "$data"
-cache_dir = "$data.cache"
-temp_dir = "$work"
-accesslog = "$work/$name.access"
-$extra
-
-[datasets.orders]
-sort_key = "o_orderkey"
-
-[datasets.lineitem]
-sort_key = "l_orderkey"
-EOF
-  "$bin" --config "$work/$name.toml" 2>"$work/$name.log" &
-  master=$!
-  pids+=("$master")
-  for _ in $(seq 1 1200); do
-    grep -q "all workers ready" "$work/$name.log" && break
-    sleep 0.05
-  done
-  local port
-  port="$(sed -n 's/.*listening address=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$work/$name.log" | head -1)"
-  base="http://127.0.0.1:$port"
-  for _ in $(seq 1 1200); do
-    if curl -fsS "$base/v1/datasets" | python3 -c '
-import json, sys
-d = json.load(sys.stdin)["datasets"]
-sys.exit(0 if d and all(x["storage"] == "snapshot" and x["pending_version"] is None for x in d) else 1)'; then
-      break
-    fi
-    sleep 0.5
-  done
-}
+# shellcheck source=scripts/bench_common.sh
+source scripts/bench_common.sh
 
 # Resident memory of the master and all its workers, in MiB.
 pool_rss() {
@@ -120,9 +86,8 @@ pool_rss() {
   echo $((total / 1024))
 }
 
-urlencode() { python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1]))' "$1"; }
-
 start main ""
+""
 echo "pool ready at $base (documented defaults, sort keys, access log)"
 echo
 
@@ -161,19 +126,16 @@ dashboard_url="$base/v1/query?sql=$(urlencode "$dashboard")"
 run() {
   local name="$1" c="$2"
   shift 2
-  local before_recycles before_lines out
+  local before_recycles before_lines
   before_recycles="$(grep -c 'worker spawned' "$work/main.log" || true)"
   before_lines="$(wc -l <"$work/main.access")"
   local from
   from="$(date -u +%Y-%m-%dT%H:%M:%S)"
-  out="$(wrk -t2 -c"$c" -d"${seconds}s" --latency "$@")"
-  local recycles=$(( $(grep -c 'worker spawned' "$work/main.log" || true) - before_recycles ))
   local rps p50 p99 non2xx errors
-  rps="$(sed -n 's/^Requests\/sec: *//p' <<<"$out")"
-  p50="$(awk '$1 == "50%" {print $2}' <<<"$out")"
-  p99="$(awk '$1 == "99%" {print $2}' <<<"$out")"
-  non2xx="$(sed -n 's/.*Non-2xx or 3xx responses: *//p' <<<"$out")"
-  errors="$(sed -n 's/.*Socket errors: *//p' <<<"$out")"
+  # A client that waits as long as the query deadline allows (wrk's own default gives up after
+  # 2 s and counts a timeout).
+  read -r rps p50 p99 non2xx errors < <(wrk_row -c"$c" -d"${seconds}s" --timeout 30s "$@")
+  local recycles=$(( $(grep -c 'worker spawned' "$work/main.log" || true) - before_recycles ))
   # Requests successors served in their first second (the access log has one-second times)
   # against all requests of this run, from the access log and the master's "worker ready" lines.
   local successor
@@ -181,7 +143,7 @@ run() {
     python3 "$work/successor.py" "$work/main.log" "$from")"
   local per_minute
   per_minute="$(awk -v r="$recycles" -v s="$seconds" 'BEGIN {printf "%.1f", r * 60 / s}')"
-  echo "| $name | -c$c | $rps | $p50 | $p99 | ${non2xx:-0} | ${errors:-none} | $per_minute | $successor |"
+  echo "| $name | -c$c | $rps | $p50 | $p99 | $non2xx | ${errors//_/ } | $per_minute | $successor |"
 }
 
 echo "## Sustained load, ${seconds} s each, recycling at the default (max_requests = 1000)"

@@ -506,3 +506,43 @@ fn a_successor_is_promoted_only_after_its_warm_up() {
         );
     }
 }
+
+#[test]
+fn continuous_query_load_across_recycles_is_answered_200() {
+    let server = Setup::new()
+        .with_sample_data()
+        .key("workers", "2")
+        .key("max_requests", "40")
+        .key("max_requests_jitter", "10")
+        .key("recycle_interval", "0")
+        .start();
+    let spawned = server.count(&["worker spawned"]);
+    // Queries on keep-alive connections, cached and not: the recycles happen under them.
+    let cached = Load::start_on(
+        server.addr(),
+        2,
+        "/v1/query?sql=SELECT%20status%2C%20count(*)%20FROM%20orders%20GROUP%20BY%201",
+    );
+    let uncached = Load::start_on(
+        server.addr(),
+        2,
+        "/v1/query?sql=SELECT%20count(*)%20FROM%20orders%20WHERE%20amount%20%3E%20random()",
+    );
+    server.wait_log(&["worker spawned"], spawned + 8, Duration::from_secs(120));
+    let mut stats = cached.stop();
+    let other = uncached.stop();
+    stats.ok += other.ok;
+    stats.errors.extend(other.errors);
+    println!(
+        "{} queries across {} recycles",
+        stats.ok,
+        server.count(&["worker spawned"]) - spawned
+    );
+    assert!(
+        stats.errors.is_empty(),
+        "{} failed: {:?}",
+        stats.errors.len(),
+        &stats.errors[..stats.errors.len().min(10)]
+    );
+    assert!(stats.ok > 300, "the load ran: {}", stats.ok);
+}
