@@ -1,9 +1,9 @@
-# What the load benchmarks share (sourced by bench_load.sh and bench_sharing.sh): starting a
+# What the HTTP benchmarks share (sourced by bench_http.sh, bench_load.sh, bench_sharing.sh): starting a
 # pool on TPC-H with the documented defaults plus the sort keys, and small helpers.
 # Expects $data (the TPC-H directory), $work (a scratch directory) and $bin (the binary); sets
 # $base (the pool's URL) and $master (its pid), and adds the pid to the pids array.
 
-# start NAME EXTRA_TOML: a pool with the documented defaults, an access log and EXTRA_TOML.
+# start NAME EXTRA_TOML: a pool with the documented defaults, the sort keys and EXTRA_TOML.
 start() {
   local name="$1" extra="$2"
   cat >"$work/$name.toml" <<CONFIG
@@ -11,7 +11,6 @@ bind = ["127.0.0.1:0"]
 data_dir = "$data"
 cache_dir = "$data.cache"
 temp_dir = "$work"
-accesslog = "$work/$name.access"
 $extra
 
 [datasets.orders]

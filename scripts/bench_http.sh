@@ -20,42 +20,15 @@ bin="${CARGO_TARGET_DIR:-$HOME/.cache/ferrocorn-target}/debug/ferrocorn"
 command -v wrk >/dev/null || apt-get install -y wrk >/dev/null
 
 work="$(mktemp -d)"
-trap 'kill -TERM "$master" 2>/dev/null; wait "$master" 2>/dev/null; rm -rf "$work"' EXIT
-cat >"$work/ferrocorn.toml" <<EOF
-bind = ["127.0.0.1:0"]
-workers = 4
-max_requests = 0
-data_dir = "$data"
-cache_dir = "$data.cache"
-temp_dir = "$work"
-
-[datasets.orders]
-sort_key = "o_orderkey"
-
-[datasets.lineitem]
-sort_key = "l_orderkey"
-EOF
-"$bin" --config "$work/ferrocorn.toml" 2>"$work/log" &
-master=$!
-for _ in $(seq 1 1200); do
-  grep -q "all workers ready" "$work/log" && break
-  sleep 0.05
-done
-port="$(sed -n 's/.*listening address=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$work/log" | head -1)"
-base="http://127.0.0.1:$port"
-echo "waiting for the snapshots (built once, then reused from $data.cache)..."
-for _ in $(seq 1 1200); do
-  if curl -fsS "$base/v1/datasets" | python3 -c '
-import json, sys
-d = json.load(sys.stdin)["datasets"]
-sys.exit(0 if d and all(x["storage"] == "snapshot" and x["pending_version"] is None for x in d) else 1)'; then
-    break
-  fi
-  sleep 0.5
-done
+pids=()
+trap 'for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"' EXIT
+# shellcheck source=scripts/bench_common.sh
+source scripts/bench_common.sh
+echo "starting the pool; the snapshots are built once, then reused from $data.cache..."
+start http "max_requests = 0"
 
 sql="SELECT o_orderstatus, count(*) AS n, sum(o_totalprice) AS total FROM orders GROUP BY 1 ORDER BY 1"
-query="$base/v1/query?sql=$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1]))' "$sql")"
+query="$base/v1/query?sql=$(urlencode "$sql")"
 curl -fsS -o /dev/null "$query"
 hit="$(curl -fsS -D - -o /dev/null "$query" | tr -d '\r' | sed -n 's/^x-cache: //Ip')"
 echo "second request: x-cache $hit"

@@ -86,8 +86,7 @@ pool_rss() {
   echo $((total / 1024))
 }
 
-start main ""
-""
+start main "accesslog = \"$work/main.access\""
 echo "pool ready at $base (documented defaults, sort keys, access log)"
 echo
 
