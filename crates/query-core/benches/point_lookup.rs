@@ -2,8 +2,12 @@
 //! lookups are measured against.
 //!
 //! ```text
-//! cargo bench --workspace --profile dev --bench point_lookup -- SNAPSHOT_FILE [SECONDS] [THREADS] [KEY] [MAX_KEY]
+//! cargo bench --workspace --profile dev --bench point_lookup -- SNAPSHOT_FILE [SECONDS] [THREADS] [KEY] [MAX_KEY] [separate] [view]
 //! ```
+//!
+//! With `separate`, each thread has its own one-thread instance instead, as each worker of the
+//! pool does (its own copy of the index and the blocks it reads); with `view`, the lookup names a
+//! view over the attached table, as a request names a dataset.
 //!
 //! One DuckDB instance with `threads` threads attaches the snapshot read-only, as a worker does;
 //! each of `THREADS` threads (default 2: the machine's cores) has its own connection and a
@@ -31,19 +35,32 @@ fn main() {
         .get(4)
         .and_then(|a| a.parse().ok())
         .unwrap_or(6_000_000);
-    let conn = Connection::open_in_memory().expect("duckdb");
-    conn.execute_batch(&format!(
-        "SET threads = {threads}; ATTACH '{}' AS snap (READ_ONLY)",
-        snapshot.replace('\'', "''")
-    ))
-    .expect("attach the snapshot");
-    let sql = format!("SELECT * FROM snap.main.data WHERE \"{key}\" = ?");
+    let separate = args.iter().skip(5).any(|a| a == "separate");
+    // Through a view over the attached table, as the server names a dataset.
+    let view = args.iter().skip(5).any(|a| a == "view");
+    let open = |threads: usize| {
+        let conn = Connection::open_in_memory().expect("duckdb");
+        conn.execute_batch(&format!(
+            "SET threads = {threads}; ATTACH '{}' AS snap (READ_ONLY); \
+             CREATE VIEW dataset AS SELECT * FROM snap.main.data",
+            snapshot.replace('\'', "''")
+        ))
+        .expect("attach the snapshot");
+        conn
+    };
+    let conn = open(if separate { 1 } else { threads });
+    let table = if view { "dataset" } else { "snap.main.data" };
+    let sql = format!("SELECT * FROM {table} WHERE \"{key}\" = ?");
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let total: u64 = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
-                let conn = conn.try_clone().expect("connection");
+                let conn = if separate {
+                    open(1)
+                } else {
+                    conn.try_clone().expect("connection")
+                };
                 let sql = &sql;
                 scope.spawn(move || {
                     let mut statement = conn.prepare(sql).expect("prepare");
@@ -67,8 +84,13 @@ fn main() {
         workers.into_iter().map(|w| w.join().expect("thread")).sum()
     });
     let elapsed = started.elapsed().as_secs_f64();
+    let layout = if separate {
+        "separate one-thread instances"
+    } else {
+        "threads of one instance"
+    };
     println!(
-        "raw DuckDB point lookups: {total} in {elapsed:.1} s on {threads} threads = {:.0}/s",
+        "raw DuckDB point lookups: {total} in {elapsed:.1} s on {threads} {layout} = {:.0}/s",
         total as f64 / elapsed
     );
 }
