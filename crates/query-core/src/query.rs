@@ -5,6 +5,7 @@
 //! thread), then the schema, then the batches. The sink may stop the query at any point.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arrow::datatypes::SchemaRef;
@@ -13,35 +14,80 @@ use arrow::record_batch::RecordBatch;
 use crate::capi::{ConnInterrupt, Value};
 use crate::gate::Refusal;
 
-/// Interrupts one run of a query, from any thread. The run disarms it when it ends, before its
-/// connection goes back to the pool: DuckDB keeps an interrupt that reaches an idle connection
-/// for the connection's next query, so a late one (a deadline or a disconnect racing the end of
-/// the query) must never reach it.
+/// Interrupts one run of a query, from any thread.
+///
+/// A run is several DuckDB statements on one connection (the gate's parse, the prepare, the
+/// execution), and DuckDB forgets an interrupt when a statement ends; so the handle remembers
+/// that it fired, and the run checks it between its statements and asserts it again once the
+/// execution has started ([`Runner::run`](crate::Engine::run)). The run disarms the handle when
+/// it ends, before its connection goes back to the pool: a late interrupt (a deadline or a
+/// disconnect racing the end of the query) must never reach the connection's next query.
 #[derive(Clone, Debug)]
-pub struct InterruptHandle(Arc<Mutex<Option<ConnInterrupt>>>);
+pub struct InterruptHandle(Arc<Interrupt>);
+
+#[derive(Debug)]
+struct Interrupt {
+    conn: Mutex<Option<ConnInterrupt>>,
+    fired: AtomicBool,
+}
 
 impl InterruptHandle {
     pub(crate) fn arm(conn: ConnInterrupt) -> (Self, Disarm) {
-        let handle = Self(Arc::new(Mutex::new(Some(conn))));
+        let handle = Self(Arc::new(Interrupt {
+            conn: Mutex::new(Some(conn)),
+            fired: AtomicBool::new(false),
+        }));
         (handle.clone(), Disarm(handle))
     }
 
     /// Ask DuckDB to stop the query; it fails with [`QueryError::Interrupted`]. Does nothing once
     /// the run has ended.
     pub fn interrupt(&self) {
-        if let Some(conn) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        self.0.fired.store(true, Ordering::Release);
+        self.send();
+    }
+
+    fn send(&self) {
+        if let Some(conn) = lock(&self.0.conn).as_ref() {
             conn.interrupt();
         }
     }
+
+    /// Between two of the run's statements: [`QueryError::Interrupted`] if the handle fired.
+    pub(crate) fn check(&self) -> Result<(), QueryError> {
+        if self.0.fired.load(Ordering::Acquire) {
+            Err(QueryError::Interrupted)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Once the execution has started: send a fired interrupt again, in case it reached DuckDB
+    /// between the last check and the start.
+    pub(crate) fn reassert(&self) {
+        if self.0.fired.load(Ordering::Acquire) {
+            self.send();
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Disarms its run's [`InterruptHandle`] when dropped.
 #[derive(Debug)]
 pub(crate) struct Disarm(InterruptHandle);
 
+impl Disarm {
+    pub(crate) fn handle(&self) -> &InterruptHandle {
+        &self.0
+    }
+}
+
 impl Drop for Disarm {
     fn drop(&mut self) {
-        self.0.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        lock(&self.0.0.conn).take();
     }
 }
 

@@ -118,8 +118,9 @@ impl Runner {
         let _generation = serving.generation();
         let mut conn = self.pool.checkout()?;
         // Dropped before `conn` goes back to the pool.
-        let (interrupt, _disarm) = InterruptHandle::arm(conn.interrupt_handle());
+        let (interrupt, armed) = InterruptHandle::arm(conn.interrupt_handle());
         sink.started(interrupt);
+        let interrupt = armed.handle();
         let (purpose, text, expected) = match spec.explain {
             None => (Purpose::Query, spec.sql.to_owned(), StatementType::Select),
             Some(explain) => (
@@ -134,10 +135,13 @@ impl Runner {
         }
         let analysis = self.analyze_on(&mut conn, spec.sql)?;
         analysis.check(&serving.catalog())?;
+        interrupt.check()?;
         let prepared = conn.prepare(purpose, &text, expected)?;
         let values = spec.params.bind_order(&prepared.parameter_names())?;
         prepared.bind(&values).map_err(QueryError::from_message)?;
+        interrupt.check()?;
         let mut stream = prepared.execute().map_err(QueryError::from_message)?;
+        interrupt.reassert();
         stream_into(&mut stream, spec.max_rows, sink)
     }
 
@@ -385,6 +389,43 @@ mod tests {
         fn batch(&mut self, _: arrow::record_batch::RecordBatch) -> crate::Flow {
             crate::Flow::Continue
         }
+    }
+
+    /// Interrupts its run as soon as it is handed the handle: before the gate has parsed the
+    /// statement, long before the execution starts.
+    struct InterruptAtOnce;
+
+    impl crate::ResultSink for InterruptAtOnce {
+        fn started(&mut self, interrupt: crate::InterruptHandle) {
+            interrupt.interrupt();
+        }
+        fn schema(&mut self, _: arrow::datatypes::SchemaRef) -> crate::Flow {
+            crate::Flow::Continue
+        }
+        fn batch(&mut self, _: arrow::record_batch::RecordBatch) -> crate::Flow {
+            crate::Flow::Continue
+        }
+    }
+
+    #[test]
+    fn an_interrupt_before_the_execution_stops_the_query() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let temp = tempfile::tempdir().expect("tempdir");
+        let engine = Engine::open(&settings(data.path(), temp.path())).expect("open");
+        let params = crate::Params::default();
+        // Minutes of work if the interrupt were lost between the run's statements.
+        let spec = QuerySpec {
+            sql: "SELECT sum(a.range * b.range) FROM range(1000000) a, range(1000000) b",
+            params: &params,
+            max_rows: 10,
+            explain: None,
+        };
+        let result = engine.run(&spec, &mut InterruptAtOnce);
+        assert!(matches!(result, Err(QueryError::Interrupted)), "{result:?}");
+        assert_eq!(
+            run_sql(&engine, "SELECT 1").expect("the next query runs"),
+            1
+        );
     }
 
     #[test]

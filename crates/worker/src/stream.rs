@@ -71,30 +71,7 @@ impl std::fmt::Debug for Cancel {
     }
 }
 
-/// How often a fired cancellation interrupts again until the query has ended: DuckDB clears an
-/// interrupt when a query starts executing, so one that arrives while the statement is still
-/// being checked or prepared would be lost.
-const REINTERRUPT: Duration = Duration::from_millis(10);
-/// How long it keeps trying, at most.
-const REINTERRUPT_FOR: Duration = Duration::from_secs(60);
-
 impl Cancel {
-    /// Interrupt the query now and again every [`REINTERRUPT`] until its thread is done.
-    fn fire_until_done(self: &Arc<Self>) {
-        self.fire();
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let cancel = self.clone();
-        runtime.spawn(async move {
-            let started = tokio::time::Instant::now();
-            while !cancel.done.load(Ordering::Acquire) && started.elapsed() < REINTERRUPT_FOR {
-                tokio::time::sleep(REINTERRUPT).await;
-                cancel.fire();
-            }
-        });
-    }
-
     fn fire(&self) {
         self.fired.store(true, Ordering::Release);
         if let Some(handle) = self
@@ -125,7 +102,7 @@ impl Running {
             tokio::spawn(async move {
                 tokio::time::sleep(deadline).await;
                 cancel.timed_out.store(true, Ordering::Release);
-                cancel.fire_until_done();
+                cancel.fire();
             })
         };
         Self {
@@ -158,7 +135,7 @@ impl Drop for Running {
     fn drop(&mut self) {
         self.timer.abort();
         if !self.cancel.done.load(Ordering::Acquire) {
-            self.cancel.fire_until_done();
+            self.cancel.fire();
         }
     }
 }
