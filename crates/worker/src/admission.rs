@@ -143,16 +143,7 @@ impl Admission {
         // never runs more borrowed queries than its total has idle.
         table.record.query_started();
         if table.scoreboard.running_queries() <= total {
-            Some(
-                Permit {
-                    own: None,
-                    since: Instant::now(),
-                    service: self.service.clone(),
-                    table: None,
-                    freed: self.freed.clone(),
-                }
-                .counted(table),
-            )
+            Some(self.counted(None, Some(table)))
         } else {
             table.record.query_finished();
             None
@@ -180,19 +171,20 @@ impl Admission {
 
     /// A permit for one of this worker's own slots, counted in the table.
     fn permit(&self, own: Option<OwnedSemaphorePermit>) -> Permit {
-        let permit = Permit {
+        if let Some(table) = self.table {
+            table.record.query_started();
+        }
+        self.counted(own, self.table)
+    }
+
+    /// A permit for a slot already counted in `table` (if any).
+    fn counted(&self, own: Option<OwnedSemaphorePermit>, table: Option<SlotTable>) -> Permit {
+        Permit {
             own,
             since: Instant::now(),
             service: self.service.clone(),
-            table: None,
+            table,
             freed: self.freed.clone(),
-        };
-        match self.table {
-            Some(table) => {
-                table.record.query_started();
-                permit.counted(table)
-            }
-            None => permit,
         }
     }
 }
@@ -211,12 +203,6 @@ pub struct Permit {
 }
 
 impl Permit {
-    /// Already counted in `table`.
-    fn counted(mut self, table: SlotTable) -> Self {
-        self.table = Some(table);
-        self
-    }
-
     /// Whether the slot was borrowed from the pool.
     #[cfg(test)]
     fn borrowed(&self) -> bool {
