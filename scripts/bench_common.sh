@@ -1,7 +1,34 @@
-# What the HTTP benchmarks share (sourced by bench_http.sh, bench_load.sh, bench_sharing.sh): starting a
-# pool on TPC-H with the documented defaults plus the sort keys, and small helpers.
-# Expects $data (the TPC-H directory), $work (a scratch directory) and $bin (the binary); sets
-# $base (the pool's URL) and $master (its pid), and adds the pid to the pids array.
+# What the HTTP benchmarks share (sourced by bench_http.sh, bench_load.sh, bench_sharing.sh):
+# their preparation, starting a pool on TPC-H with the documented defaults plus the sort keys,
+# and small helpers. Run from the repository's root.
+
+# bench_prepare TPCH_DIR: set $data, $target and $bin, check the data and the binary, install wrk
+# if missing, make the scratch directory $work; every pid added to the pids array (and its
+# children) is stopped, and $work removed, on exit.
+bench_prepare() {
+  data="$(realpath "$1")"
+  target="${CARGO_TARGET_DIR:-$HOME/.cache/ferrocorn-target}"
+  bin="$target/debug/ferrocorn"
+  [ -f "$data/orders.parquet" ] || { echo "no TPC-H data in $data: run scripts/gen_tpch.sh 1" >&2; exit 1; }
+  [ -x "$bin" ] || { echo "no ferrocorn binary at $bin: run cargo build --workspace --all-targets" >&2; exit 1; }
+  command -v wrk >/dev/null || apt-get install -y wrk >/dev/null
+  work="$(mktemp -d)"
+  pids=()
+  trap bench_cleanup EXIT
+}
+
+bench_cleanup() {
+  local p
+  for p in "${pids[@]}"; do
+    pkill -TERM -P "$p" 2>/dev/null || true
+    kill -TERM "$p" 2>/dev/null || true
+  done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+
+# start NAME EXTRA_TOML sets $base (the pool's URL) and $master (its pid), and adds the pid to
+# the pids array.
 
 # start NAME EXTRA_TOML: a pool with the documented defaults, the sort keys and EXTRA_TOML.
 start() {
@@ -54,3 +81,16 @@ wrk_row() {
     "$(sed -n 's/.*Non-2xx or 3xx responses: *//p' <<<"$out" | grep . || echo 0)" \
     "$(sed -n 's/.*Socket errors: *//p' <<<"$out" | tr ' ' '_' | grep . || echo none)"
 }
+
+# rps WRK_ARGS...: wrk's requests per second for one 5-second run; fails on any non-2xx answer.
+rps() {
+  local out
+  out="$(wrk -t2 -d5s "$@")"
+  if grep -q "Non-2xx" <<<"$out"; then
+    echo "non-2xx answers: $(grep Non-2xx <<<"$out")" >&2
+    exit 1
+  fi
+  sed -n 's/^Requests\/sec: *//p' <<<"$out"
+}
+
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }

@@ -12,18 +12,10 @@
 # run with any non-2xx answer fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-data="$(realpath "${1:-data/tpch-sf1}")"
 rounds="${2:-5}"
-bin="${CARGO_TARGET_DIR:-$HOME/.cache/ferrocorn-target}/debug/ferrocorn"
-[ -f "$data/orders.parquet" ] || { echo "no TPC-H data in $data: run scripts/gen_tpch.sh 1" >&2; exit 1; }
-[ -x "$bin" ] || { echo "no ferrocorn binary at $bin: run cargo build --workspace" >&2; exit 1; }
-command -v wrk >/dev/null || apt-get install -y wrk >/dev/null
-
-work="$(mktemp -d)"
-pids=()
-trap 'for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 # shellcheck source=scripts/bench_common.sh
 source scripts/bench_common.sh
+bench_prepare "${1:-data/tpch-sf1}"
 echo "starting the pool; the snapshots are built once, then reused from $data.cache..."
 start http "max_requests = 0"
 
@@ -33,15 +25,6 @@ curl -fsS -o /dev/null "$query"
 hit="$(curl -fsS -D - -o /dev/null "$query" | tr -d '\r' | sed -n 's/^x-cache: //Ip')"
 echo "second request: x-cache $hit"
 
-rps() { # wrk's requests per second for one 5-second run; fails on any non-2xx answer
-  local out
-  out="$(wrk -t2 -d5s "$@")"
-  if grep -q "Non-2xx" <<<"$out"; then
-    echo "non-2xx answers: $(grep Non-2xx <<<"$out")" >&2
-    exit 1
-  fi
-  sed -n 's/^Requests\/sec: *//p' <<<"$out"
-}
 declare -a health cached uncached
 for round in $(seq 1 "$rounds"); do
   health+=("$(rps -c32 "$base/healthz")")
@@ -50,7 +33,6 @@ for round in $(seq 1 "$rounds"); do
   uncached+=("$(rps -c4 -H 'Cache-Control: no-cache' "$query")")
   echo "round $round: healthz ${health[-1]}, cached ${cached[-1]}, uncached ${uncached[-1]} req/s"
 done
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 h="$(median "${health[@]}")"
 c="$(median "${cached[@]}")"
 u="$(median "${uncached[@]}")"

@@ -24,28 +24,16 @@
 # wrk and the server share the machine's cores; every figure comes from this one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-data="$(realpath "${1:-data/tpch-sf1}")"
 seconds="${2:-60}"
-target="${CARGO_TARGET_DIR:-$HOME/.cache/ferrocorn-target}"
-bin="$target/debug/ferrocorn"
+# shellcheck source=scripts/bench_common.sh
+source scripts/bench_common.sh
+bench_prepare "${1:-data/tpch-sf1}"
 bare="$target/debug/examples/bare_hyper"
 raw="$(ls -t "$target"/debug/deps/point_lookup-* 2>/dev/null | grep -v '\.d$' | head -1 || true)"
-[ -f "$data/orders.parquet" ] || { echo "no TPC-H data in $data: run scripts/gen_tpch.sh 1" >&2; exit 1; }
-for exe in "$bin" "$bare" "$raw"; do
+for exe in "$bare" "$raw"; do
   [ -x "$exe" ] || { echo "missing $exe: run cargo build --workspace --all-targets" >&2; exit 1; }
 done
-command -v wrk >/dev/null || apt-get install -y wrk >/dev/null
 cores="$(nproc)"
-
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  pkill -f "$bare" 2>/dev/null || true
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
 
 # The p99 of requests successors served in their first second against all requests of a run,
 # from the access log (stdin) and the master's "worker ready" lines.
@@ -73,9 +61,6 @@ def p99(xs):
     return xs[min(len(xs) - 1, int(len(xs) * 0.99))] if xs else None
 print(f"{p99(first)} ms (n={len(first)}) vs {p99(every)} ms" if first else f"- (no successor) vs {p99(every)} ms")
 PY
-
-# shellcheck source=scripts/bench_common.sh
-source scripts/bench_common.sh
 
 # Resident memory of the master and all its workers, in MiB.
 pool_rss() {
@@ -203,14 +188,12 @@ norecycle_base="$base"
 pids+=("$!")
 for _ in $(seq 1 100); do grep -q listening "$work/bare.out" && break; sleep 0.05; done
 bare_base="http://$(sed -n 's/.*address=\(.*\)/\1/p' "$work/bare.out")"
-rps() { wrk -t2 -c32 -d5s "$1/healthz" | sed -n 's/^Requests\/sec: *//p'; }
 declare -a hb hd hn
 for _ in 1 2 3; do
-  hb+=("$(rps "$bare_base")")
-  hd+=("$(rps "$main_base")")
-  hn+=("$(rps "$norecycle_base")")
+  hb+=("$(rps -c32 "$bare_base/healthz")")
+  hd+=("$(rps -c32 "$main_base/healthz")")
+  hn+=("$(rps -c32 "$norecycle_base/healthz")")
 done
-median() { printf '%s\n' "$@" | sort -g | sed -n 2p; }
 b="$(median "${hb[@]}")"
 d="$(median "${hd[@]}")"
 n="$(median "${hn[@]}")"

@@ -6,18 +6,11 @@
 # Usage: scripts/bench_sharing.sh [TPCH_DIR] [SECONDS] [ROUNDS]   (default: data/tpch-sf1, 30, 2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-data="$(realpath "${1:-data/tpch-sf1}")"
 seconds="${2:-30}"
 rounds="${3:-2}"
-bin="${CARGO_TARGET_DIR:-$HOME/.cache/ferrocorn-target}/debug/ferrocorn"
-[ -f "$data/orders.parquet" ] || { echo "no TPC-H data in $data: run scripts/gen_tpch.sh 1" >&2; exit 1; }
-[ -x "$bin" ] || { echo "no ferrocorn binary at $bin: run cargo build --workspace" >&2; exit 1; }
-command -v wrk >/dev/null || apt-get install -y wrk >/dev/null
-work="$(mktemp -d)"
-pids=()
-trap 'for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 # shellcheck source=scripts/bench_common.sh
 source scripts/bench_common.sh
+bench_prepare "${1:-data/tpch-sf1}"
 
 start shared ""
 shared="$base"
