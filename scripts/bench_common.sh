@@ -22,6 +22,9 @@ bench_cleanup() {
   for p in "${pids[@]}"; do
     pkill -TERM -P "$p" 2>/dev/null || true
     kill -TERM "$p" 2>/dev/null || true
+    # A pool a benchmark paused (SIGSTOP) acts on the TERM only once continued.
+    pkill -CONT -P "$p" 2>/dev/null || true
+    kill -CONT "$p" 2>/dev/null || true
   done
   wait 2>/dev/null || true
   rm -rf "$work"
@@ -30,13 +33,14 @@ bench_cleanup() {
 # start NAME EXTRA_TOML sets $base (the pool's URL) and $master (its pid), and adds the pid to
 # the pids array.
 
-# start NAME EXTRA_TOML: a pool with the documented defaults, the sort keys and EXTRA_TOML.
+# start NAME EXTRA_TOML: a pool with the documented defaults, the sort keys and EXTRA_TOML, run
+# by $bin (or $start_bin when set) with its cache in $data.cache (or $start_cache when set).
 start() {
   local name="$1" extra="$2"
   cat >"$work/$name.toml" <<CONFIG
 bind = ["127.0.0.1:0"]
 data_dir = "$data"
-cache_dir = "$data.cache"
+cache_dir = "${start_cache:-$data.cache}"
 temp_dir = "$work"
 $extra
 
@@ -46,7 +50,7 @@ sort_key = "o_orderkey"
 [datasets.lineitem]
 sort_key = "l_orderkey"
 CONFIG
-  "$bin" --config "$work/$name.toml" 2>"$work/$name.log" &
+  "${start_bin:-$bin}" --config "$work/$name.toml" 2>"$work/$name.log" &
   master=$!
   pids+=("$master")
   for _ in $(seq 1 1200); do

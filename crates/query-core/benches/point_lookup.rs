@@ -38,18 +38,37 @@ fn main() {
     let separate = args.iter().skip(5).any(|a| a == "separate");
     // Through a view over the attached table, as the server names a dataset.
     let view = args.iter().skip(5).any(|a| a == "view");
+    // By the bare table name, resolved through the connection's search path.
+    let search = args.iter().skip(5).any(|a| a == "search");
     let open = |threads: usize| {
         let conn = Connection::open_in_memory().expect("duckdb");
         conn.execute_batch(&format!(
-            "SET threads = {threads}; ATTACH '{}' AS snap (READ_ONLY); \
-             CREATE VIEW dataset AS SELECT * FROM snap.main.data",
+            "SET threads = {threads}; ATTACH '{}' AS snap (READ_ONLY)",
             snapshot.replace('\'', "''")
         ))
         .expect("attach the snapshot");
-        conn
+        // A snapshot holds one table, named after its dataset.
+        let table: String = conn
+            .query_row(
+                "SELECT table_name FROM duckdb_tables() WHERE database_name = 'snap'",
+                [],
+                |row| row.get(0),
+            )
+            .expect("the snapshot's table");
+        conn.execute_batch(&format!(
+            "CREATE VIEW dataset AS SELECT * FROM snap.main.\"{table}\""
+        ))
+        .expect("view");
+        (conn, table)
     };
-    let conn = open(if separate { 1 } else { threads });
-    let table = if view { "dataset" } else { "snap.main.data" };
+    let (conn, table) = open(if separate { 1 } else { threads });
+    let table = if view {
+        "dataset".to_owned()
+    } else if search {
+        format!("\"{table}\"")
+    } else {
+        format!("snap.main.\"{table}\"")
+    };
     let sql = format!("SELECT * FROM {table} WHERE \"{key}\" = ?");
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
@@ -57,11 +76,15 @@ fn main() {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
                 let conn = if separate {
-                    open(1)
+                    open(1).0
                 } else {
                     conn.try_clone().expect("connection")
                 };
                 let sql = &sql;
+                if search {
+                    conn.execute_batch("SET search_path = 'snap.main'")
+                        .expect("search path");
+                }
                 scope.spawn(move || {
                     let mut statement = conn.prepare(sql).expect("prepare");
                     let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ (t as u64 + 1);

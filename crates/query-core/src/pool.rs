@@ -35,9 +35,32 @@ pub(crate) enum Purpose {
 pub(crate) struct QueryConn {
     conn: capi::Conn,
     statements: LruCache<(Purpose, String), Prepared>,
+    /// The epoch of the search path the connection runs with (`None`: DuckDB's default).
+    search_path: Option<u64>,
 }
 
 impl QueryConn {
+    /// Run with the search path `statement` of `epoch` (a `SET search_path`), unless the
+    /// connection already does. Its cached statements are dropped then: they were bound to
+    /// what the old path resolved to.
+    pub fn follow_search_path(&mut self, epoch: u64, statement: &str) -> Result<(), QueryError> {
+        if self.search_path == Some(epoch) {
+            return Ok(());
+        }
+        self.statements.clear();
+        self.search_path = None;
+        {
+            let extracted = self
+                .conn
+                .extract(statement)
+                .map_err(QueryError::from_message)?;
+            let mut prepared = extracted.prepare(0).map_err(QueryError::from_message)?;
+            prepared.execute().map_err(QueryError::from_message)?;
+        }
+        self.search_path = Some(epoch);
+        Ok(())
+    }
+
     pub fn interrupt_handle(&self) -> capi::ConnInterrupt {
         self.conn.interrupt_handle()
     }
@@ -152,6 +175,7 @@ impl Pool {
             None => QueryConn {
                 conn: self.database.connect().map_err(QueryError::from_message)?,
                 statements: LruCache::new(STATEMENT_CACHE),
+                search_path: None,
             },
         };
         Ok(Pooled {

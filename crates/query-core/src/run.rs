@@ -117,6 +117,8 @@ impl Runner {
         // Snapshots this query may read stay attached until it ends.
         let _generation = serving.generation();
         let mut conn = self.pool.checkout()?;
+        let path = serving.search_path();
+        conn.follow_search_path(path.epoch, &path.statement)?;
         // Dropped before `conn` goes back to the pool.
         let (interrupt, armed) = InterruptHandle::arm(conn.interrupt_handle());
         sink.started(interrupt);

@@ -32,7 +32,9 @@ use duckdb::Connection;
 use crate::catalog::{self, Dataset, sql_ident};
 
 /// Bump when the layout of a snapshot file changes: old files are then rebuilt, never misread.
-const FORMAT: u32 = 2;
+/// Format 3: the table is named after its dataset (so that a query's bare name resolves to it
+/// through the connection's search path), not `data`.
+const FORMAT: u32 = 3;
 const LOCK_FILE: &str = "build.lock";
 
 /// How a dataset is stored for querying.
@@ -274,7 +276,8 @@ impl SnapshotDir {
             .and_then(|()| {
                 let order = sort_key.map_or(String::new(), |key| format!(" ORDER BY {}", sql_ident(key)));
                 conn.execute_batch(&format!(
-                    "CREATE TABLE \"{alias}\".main.data AS SELECT * FROM {source}{order}",
+                    "CREATE TABLE \"{alias}\".main.{table} AS SELECT * FROM {source}{order}",
+                    table = sql_ident(&dataset.name),
                     source = dataset.source_sql(),
                 ))
             })
@@ -284,7 +287,8 @@ impl SnapshotDir {
                 // without it (say the index does not fit in memory) is still correct.
                 if let Some(key) = sort_key {
                     let index = conn.execute_batch(&format!(
-                        "CREATE INDEX sort_key ON \"{alias}\".main.data ({})",
+                        "CREATE INDEX sort_key ON \"{alias}\".main.{} ({})",
+                        sql_ident(&dataset.name),
                         sql_ident(key)
                     ));
                     if let Err(e) = index {

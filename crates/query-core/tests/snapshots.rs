@@ -276,6 +276,74 @@ fn a_changed_dataset_moves_to_its_new_snapshot_and_the_old_file_goes() {
     }
 }
 
+/// Holds its query at the schema until told to go on, so the snapshot it reads stays attached.
+struct Held {
+    reached: std::sync::mpsc::Sender<()>,
+    release: std::sync::mpsc::Receiver<()>,
+}
+
+impl ResultSink for Held {
+    fn started(&mut self, _: InterruptHandle) {}
+    fn schema(&mut self, _: SchemaRef) -> Flow {
+        let _ = self.reached.send(());
+        let _ = self.release.recv_timeout(Duration::from_secs(60));
+        Flow::Continue
+    }
+    fn batch(&mut self, _: RecordBatch) -> Flow {
+        Flow::Continue
+    }
+}
+
+#[test]
+fn a_statement_cached_before_a_change_reads_the_new_snapshot_while_the_old_is_still_attached() {
+    let Numbers {
+        dir: _dir,
+        data,
+        snapshots,
+        settings: s,
+    } = numbers();
+    let engine = Engine::open(&s).expect("open");
+    wait_for_snapshots(&engine);
+    let old = snapshot_files(&snapshots);
+    let (reached_tx, reached) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        // Owned here, so that a failing assertion drops it and lets the holder go.
+        let release = release;
+        // A query in flight on one connection holds the old snapshot attached...
+        let engine = &engine;
+        let holder = scope.spawn(move || {
+            let params = Params::default();
+            let spec = QuerySpec {
+                sql: "SELECT count(*) FROM numbers",
+                params: &params,
+                max_rows: u64::MAX,
+                explain: None,
+            };
+            let mut sink = Held {
+                reached: reached_tx,
+                release: release_rx,
+            };
+            engine.run(&spec, &mut sink).map(|o| o.rows)
+        });
+        reached
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the holding query started");
+        // ...while another connection prepares and caches this statement against it.
+        assert_eq!(run(engine, "SELECT sum(v) FROM numbers"), ["999000"]);
+        write_numbers(&data.join("numbers.parquet"), 1000, 3);
+        wait_for_snapshots(engine);
+        engine.refresh_if_due(Duration::ZERO);
+        assert!(
+            old.iter().all(|f| f.exists()),
+            "the old snapshot must still be there for the test to mean anything"
+        );
+        assert_eq!(run(engine, "SELECT sum(v) FROM numbers"), ["1498500"]);
+        release.send(()).expect("release");
+        assert_eq!(holder.join().expect("holder").expect("count"), 1);
+    });
+}
+
 #[test]
 fn a_half_written_snapshot_is_never_attached_and_is_cleaned_up() {
     let Numbers {
