@@ -1,8 +1,9 @@
 //! The command line: configuration checking and printing, and start-up failures.
 
 use std::net::TcpListener;
+use std::time::Duration;
 
-use crate::support::Setup;
+use crate::support::{Setup, get};
 
 #[test]
 fn check_config_accepts_a_valid_configuration() {
@@ -132,4 +133,62 @@ fn port_held_by_another_reuseport_owner_is_refused() {
         .key("bind", &format!("[\"{addr}\"]"))
         .run_to_exit();
     assert_eq!(status.code(), Some(69), "{stderr}");
+}
+
+/// A free TCP port on loopback (bound, read and released; the test binds it again at once).
+fn free_port() -> std::net::SocketAddr {
+    let probe = TcpListener::bind("127.0.0.1:0").expect("bind");
+    probe.local_addr().expect("addr")
+}
+
+#[test]
+fn a_second_pool_on_the_same_address_or_cache_is_refused_and_the_first_keeps_its_traffic() {
+    let addr = free_port();
+    let bind = format!("[\"{addr}\"]");
+    let first = Setup::new()
+        .with_sample_data()
+        .key("bind", &bind)
+        .key("workers", "4")
+        .start();
+    let first_workers = first.workers();
+    assert_eq!(first_workers.len(), 4);
+
+    // Spawned, not run to exit: a pool that is wrongly not refused must not hang the test.
+    let refused = |setup: Setup| {
+        let mut second = setup.spawn();
+        let status = second.wait_exit(Duration::from_secs(30));
+        (status, second.log())
+    };
+    // The same address with another cache directory: the SO_REUSEPORT group is detected.
+    let (status, stderr) = refused(Setup::new().key("bind", &bind));
+    assert_eq!(status.code(), Some(69), "{stderr}");
+    assert!(
+        stderr.contains(&addr.to_string()) && stderr.contains("another ferrocorn pool"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+
+    // Another address with the first pool's cache directory: the lock is held.
+    let (status, stderr) = refused(Setup::new().key("cache_dir", &first.setup.keys["cache_dir"]));
+    assert_eq!(status.code(), Some(69), "{stderr}");
+    assert!(
+        stderr.contains(&format!("pid {}", first.pid())) && stderr.contains("cache directory"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+
+    // Every request still reaches the first pool's workers.
+    let answered: Vec<i32> = (0..40)
+        .map(|_| {
+            let response = get(addr, "/healthz").expect("healthz");
+            assert_eq!(response.status, 200);
+            let id = response.header("x-request-id").expect("request id");
+            let pid = id.split('-').next().expect("pid part");
+            i32::from_str_radix(pid, 16).expect("hex pid")
+        })
+        .collect();
+    assert!(
+        answered.iter().all(|pid| first_workers.contains(pid)),
+        "{answered:?} vs {first_workers:?}"
+    );
 }

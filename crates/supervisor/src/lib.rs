@@ -17,6 +17,7 @@
 //!   reload rolls, scaling, crash backoff, lifecycle), driven by events.
 //! - [`logging`]: the log subscriber, reopened on SIGUSR1.
 //! - [`pidfile`]: the atomically written PID file.
+//! - [`pool_lock`]: the exclusive lock that makes a pool the only one on its cache directory.
 //! - [`sys`]: every `unsafe` call of the supervisor (fork, the reuseport BPF program).
 //!
 //! # Fork rules
@@ -44,9 +45,9 @@
 //! | 0 | stopped by a signal (TERM, INT, QUIT), or `--check-config`/`--print-config` succeeded |
 //! | 3 | no worker could boot at start-up (the reason is printed) |
 //! | 64 | invalid flags or configuration (`EX_USAGE`) |
-//! | 69 | a listener could not be bound, e.g. the port is in use (`EX_UNAVAILABLE`) |
+//! | 69 | a listener could not be bound, e.g. the port is in use, also by another pool's `SO_REUSEPORT` group; or another pool holds the cache directory (`EX_UNAVAILABLE`) |
 //! | 71 | an operating-system call failed at start-up (`EX_OSERR`) |
-//! | 73 | the log or PID file could not be created (`EX_CANTCREAT`) |
+//! | 73 | the log or PID file, or the cache directory's lock file, could not be created (`EX_CANTCREAT`) |
 
 pub mod cli;
 pub mod config;
@@ -56,6 +57,7 @@ pub mod logging;
 pub mod master;
 pub mod pidfile;
 pub mod pool;
+pub mod pool_lock;
 mod sys;
 
 use std::path::PathBuf;
@@ -77,6 +79,8 @@ pub use ferrocorn_worker::EXIT_BOOT_FAILED;
 pub enum StartError {
     #[error(transparent)]
     Bind(listeners::BindError),
+    #[error(transparent)]
+    Locked(pool_lock::LockError),
     #[error("cannot write pid file {0}: {1}")]
     PidFile(PathBuf, std::io::Error),
     #[error("{0}: {1}")]
@@ -87,6 +91,8 @@ impl StartError {
     fn exit_code(&self) -> i32 {
         match self {
             Self::Bind(_) => EXIT_UNAVAILABLE,
+            Self::Locked(pool_lock::LockError::Held { .. }) => EXIT_UNAVAILABLE,
+            Self::Locked(pool_lock::LockError::Io { .. }) => EXIT_CANTCREAT,
             Self::PidFile(..) => EXIT_CANTCREAT,
             Self::Os(..) => EXIT_OSERR,
         }

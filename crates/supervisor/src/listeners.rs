@@ -59,6 +59,9 @@ impl Listeners {
             };
             match addr {
                 BindAddr::Tcp(socket_addr) if config.reuse_port => {
+                    if socket_addr.port() != 0 {
+                        refuse_a_reuseport_group(*socket_addr).map_err(fail)?;
+                    }
                     let first = tcp_socket(*socket_addr, true, config.backlog).map_err(fail)?;
                     // Port 0 picks a free port once; every other slot joins that port.
                     let actual = first
@@ -209,6 +212,28 @@ impl Listeners {
                 let _ = std::fs::remove_file(path);
             }
         }
+    }
+}
+
+/// Fail if another process's `SO_REUSEPORT` sockets are on `addr`. Binding ours would succeed and
+/// join their group, so a second pool started on the first one's port would log that it listens
+/// and receive almost nothing (the kernel spreads connections over every socket of the group).
+/// A socket without `SO_REUSEPORT` cannot be bound beside a listening group: bind one, then let
+/// it go. (`SO_REUSEADDR` keeps connections in TIME_WAIT from counting.)
+fn refuse_a_reuseport_group(addr: SocketAddr) -> io::Result<()> {
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    probe.set_cloexec(true)?;
+    probe.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        probe.set_only_v6(true)?;
+    }
+    match probe.bind(&addr.into()) {
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "another process listens on it (another ferrocorn pool?): \
+             joining its SO_REUSEPORT group would leave this pool almost no traffic",
+        )),
+        other => other,
     }
 }
 

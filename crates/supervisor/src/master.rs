@@ -30,6 +30,7 @@ use crate::config::{Config, ProcessEnv, RawConfig};
 use crate::listeners::Listeners;
 use crate::pidfile::PidFile;
 use crate::pool::{Action, Event, Notice, Phase, Pool, Timing};
+use crate::pool_lock::PoolLock;
 use crate::{StartError, logging, sys};
 
 /// How long the master sleeps at most between two looks at the pool.
@@ -69,6 +70,8 @@ pub struct Master {
     children: BTreeMap<Pid, Child>,
     fds: Option<MasterFds>,
     pidfile: Option<PidFile>,
+    /// Held for the master's lifetime: one pool per cache directory.
+    _lock: PoolLock,
     exit_code: Option<i32>,
 }
 
@@ -106,6 +109,7 @@ impl Master {
                 .map_err(|e| StartError::Os("creating the wake-up pipe", e.into()))?;
         let scoreboard =
             Scoreboard::map().map_err(|e| StartError::Os("mapping the scoreboard", e))?;
+        let lock = PoolLock::acquire(&config.cache_dir).map_err(StartError::Locked)?;
         let listeners = Listeners::bind(&config, config.workers).map_err(StartError::Bind)?;
         for address in listeners.addresses() {
             tracing::info!(%address, "listening");
@@ -131,6 +135,7 @@ impl Master {
                 wake_write,
             }),
             pidfile,
+            _lock: lock,
             exit_code: None,
         })
     }
