@@ -1,7 +1,9 @@
 //! End-to-end tests: the real `ferrocorn` binary, real sockets, real signals.
 
+mod auth;
 mod cli;
 mod fastpath;
+mod framing;
 mod hostile;
 mod http;
 mod lifecycle;

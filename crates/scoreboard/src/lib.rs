@@ -11,21 +11,24 @@
 //! - worker → master: lifecycle state ([`RecordState`]), heartbeat, request count, the request
 //!   being served, a retirement request when the request budget is spent, a boot error message;
 //! - master → worker: nothing but the record's reset at fork time (commands travel as signals);
-//! - worker → every worker: the pool's counters behind `/metrics`.
+//! - worker → every worker: the pool's counters behind `/metrics`, and the rate limits' tables.
 //!
 //! # Layout
 //!
 //! - `shared`: the [`Shared`] property and the macro that declares shared structs.
 //! - `record`: [`WorkerRecord`] and the monotonic clock its heartbeats use.
 //! - `counters`: [`PoolCounters`].
+//! - `limits`: the pool's rate-limit tables ([`LimitTable`], a GCRA per key).
 //! - `region`: [`Scoreboard`], the whole region, and its mapping.
 
 mod counters;
+mod limits;
 mod record;
 mod region;
 mod shared;
 
 pub use counters::PoolCounters;
+pub use limits::{LIMIT_SLOTS, LimitTable, Rate, Verdict};
 pub use record::{AtomicText, RecordState, WorkerRecord, monotonic_ms};
 pub use region::{MAX_RECORDS, MAX_WORKERS, Scoreboard};
 pub use shared::Shared;

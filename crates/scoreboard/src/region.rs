@@ -6,6 +6,7 @@ use std::num::NonZeroUsize;
 use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous};
 
 use crate::counters::PoolCounters;
+use crate::limits::LimitTable;
 use crate::record::WorkerRecord;
 use crate::shared::{Shared, shared_struct};
 
@@ -22,6 +23,10 @@ shared_struct! {
     pub struct Scoreboard {
         records: [WorkerRecord; MAX_RECORDS],
         pool: PoolCounters,
+        /// Per user (or API key): `rate_limit_per_minute`.
+        user_limits: LimitTable,
+        /// Per client address: `rate_limit_auth_per_minute` on the login.
+        address_limits: LimitTable,
     }
 }
 
@@ -34,6 +39,16 @@ impl Scoreboard {
 
     pub fn pool(&self) -> &PoolCounters {
         &self.pool
+    }
+
+    /// The per-user rate limits of the whole pool.
+    pub fn user_limits(&self) -> &LimitTable {
+        &self.user_limits
+    }
+
+    /// The per-address rate limits of the whole pool.
+    pub fn address_limits(&self) -> &LimitTable {
+        &self.address_limits
     }
 
     pub fn record(&self, index: usize) -> Option<&WorkerRecord> {

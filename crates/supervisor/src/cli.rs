@@ -25,6 +25,49 @@ pub struct Cli {
     /// Every configuration key as a flag.
     #[command(flatten)]
     pub keys: KeyFlags,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What `ferrocorn` does instead of serving.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum Command {
+    /// Accounts of the users file.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// API keys of the users file.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum UserCommand {
+    /// Add an account: asks for its password twice (from the terminal, or as two lines on
+    /// standard input when that is not a terminal) and writes its argon2id hash.
+    Add(EntryArgs),
+}
+
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum KeyCommand {
+    /// Add an API key: prints the new key once and writes only its SHA-256 digest.
+    Add(EntryArgs),
+}
+
+/// An entry of the users file.
+#[derive(Clone, Debug, clap::Args)]
+pub struct EntryArgs {
+    /// The account's or key's name (A-Z a-z 0-9 . _ - @).
+    pub name: String,
+    /// A scope it gets: query, datasets, metrics or admin (repeat the flag for several).
+    #[arg(long = "scope", value_name = "SCOPE", required = true)]
+    pub scopes: Vec<String>,
+    /// A dataset it may read (repeat the flag for several); every dataset when not given.
+    #[arg(long = "dataset", value_name = "NAME")]
+    pub datasets: Vec<String>,
+    /// The users file to add it to (created, mode 0600, if missing).
+    #[arg(long = "users-file", value_name = "FILE")]
+    pub users_file: PathBuf,
 }
 
 /// The default configuration file, read when it exists and `--config` is not given.

@@ -24,6 +24,7 @@ use std::time::Duration;
 use ferrocorn_query_core::{DatasetOptions, StorageMode};
 use ferrocorn_scoreboard::MAX_WORKERS;
 use ferrocorn_worker::AccessLogTarget;
+use ferrocorn_worker::ForwardedAllow;
 use ferrocorn_worker::SandboxMode;
 
 pub use crate::keys::{Origin, Origins, RawConfig};
@@ -103,9 +104,11 @@ impl RawConfig {
                 var: "DEBUG".into(),
                 message: format!("expected true or false, got {value:?}"),
             })?;
-            if debug {
-                layers.push(env_layer("DEBUG", "loglevel", "debug")?);
-            }
+            layers.push(env_layer(
+                "DEBUG",
+                "debug",
+                if debug { "true" } else { "false" },
+            )?);
         }
         for key in Self::KEYS {
             let var = format!("FERROCORN_{}", key.name.to_ascii_uppercase());
@@ -129,6 +132,30 @@ fn locate(text: &str, offset: usize) -> String {
         }
         _ => format!(" (line {line_number})"),
     }
+}
+
+/// `forwarded_allow_ips`: comma-separated addresses, `*`, or nothing.
+fn parse_forwarded_allow(text: &str) -> Result<ForwardedAllow, String> {
+    let items: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if items == ["*"] {
+        return Ok(ForwardedAllow::Everyone);
+    }
+    if items.is_empty() {
+        return Ok(ForwardedAllow::Nobody);
+    }
+    items
+        .iter()
+        .map(|item| {
+            item.parse::<std::net::IpAddr>()
+                .map(|a| a.to_canonical())
+                .map_err(|_| format!("{item:?} is not an IP address (or \"*\" alone)"))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(ForwardedAllow::Addresses)
 }
 
 fn parse_bool(value: &str) -> Option<bool> {
@@ -260,7 +287,19 @@ pub struct Config {
     pub loglevel: String,
     pub errorlog: Option<PathBuf>,
     pub accesslog: Option<AccessLogTarget>,
+    /// `environment = "production"`.
+    pub production: bool,
+    pub secret_key: Option<String>,
+    pub secret_key_previous: Option<String>,
+    pub users_file: Option<PathBuf>,
+    pub token_ttl: Duration,
+    pub rate_limit_per_minute: Option<u32>,
+    pub rate_limit_auth_per_minute: Option<u32>,
+    pub forwarded_allow: ForwardedAllow,
 }
+
+/// The shortest `secret_key` production accepts.
+pub const MIN_SECRET_KEY_CHARS: usize = 64;
 
 fn require<T: Clone>(value: &Option<T>, key: &'static str) -> Result<T, ConfigError> {
     value.clone().ok_or_else(|| invalid(key, "missing"))
@@ -424,7 +463,78 @@ impl Config {
         } else {
             None
         };
+        let production = match require(&raw.environment, "environment")?
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "production" | "prod" => true,
+            "development" | "dev" | "" => false,
+            other => {
+                return Err(invalid(
+                    "environment",
+                    format!("{other:?} is not one of development, production"),
+                ));
+            }
+        };
+        let debug = require(&raw.debug, "debug")?;
+        let secret_key = raw.secret_key.clone().filter(|k| !k.is_empty());
+        let secret_key_previous = raw.secret_key_previous.clone().filter(|k| !k.is_empty());
+        if production {
+            if debug {
+                return Err(invalid(
+                    "debug",
+                    "debug (DEBUG=true) is not allowed with ENVIRONMENT=production",
+                ));
+            }
+            match &secret_key {
+                None => {
+                    return Err(invalid(
+                        "secret_key",
+                        "ENVIRONMENT=production needs SECRET_KEY (secret_key) to sign tokens",
+                    ));
+                }
+                Some(key) if key.chars().count() < MIN_SECRET_KEY_CHARS => {
+                    return Err(invalid(
+                        "secret_key",
+                        format!(
+                            "{} characters; ENVIRONMENT=production needs at least {MIN_SECRET_KEY_CHARS}",
+                            key.chars().count()
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+            if secret_key_previous
+                .as_ref()
+                .is_some_and(|k| k.chars().count() < MIN_SECRET_KEY_CHARS)
+            {
+                return Err(invalid(
+                    "secret_key_previous",
+                    format!(
+                        "ENVIRONMENT=production needs at least {MIN_SECRET_KEY_CHARS} characters"
+                    ),
+                ));
+            }
+        }
+        let users_file = raw.users_file.as_deref().map(absolute);
+        if let Some(path) = &users_file
+            && !path.is_file()
+        {
+            return Err(invalid(
+                "users_file",
+                format!("{} does not exist or is not a file", path.display()),
+            ));
+        }
+        let token_ttl = Duration::from_secs(ranged!(raw.token_ttl, 1..=31_536_000)?);
+        let per_minute = |n: u64| (n > 0).then_some(n as u32);
+        let rate_limit_per_minute = per_minute(ranged!(raw.rate_limit_per_minute, 0..=60_000)?);
+        let rate_limit_auth_per_minute =
+            per_minute(ranged!(raw.rate_limit_auth_per_minute, 0..=60_000)?);
+        let forwarded_allow =
+            parse_forwarded_allow(&require(&raw.forwarded_allow_ips, "forwarded_allow_ips")?)
+                .map_err(|m| invalid("forwarded_allow_ips", m))?;
         let loglevel = require(&raw.loglevel, "loglevel")?.to_ascii_lowercase();
+        let loglevel = if debug { "debug".to_owned() } else { loglevel };
         let loglevel = match loglevel.as_str() {
             "debug" | "info" | "error" | "trace" => loglevel,
             "warning" | "warn" => "warn".to_owned(),
@@ -495,6 +605,14 @@ impl Config {
             loglevel,
             errorlog,
             accesslog,
+            production,
+            secret_key,
+            secret_key_previous,
+            users_file,
+            token_ttl,
+            rate_limit_per_minute,
+            rate_limit_auth_per_minute,
+            forwarded_allow,
         })
     }
 
@@ -565,6 +683,11 @@ pub fn render(raw: &RawConfig, origins: &Origins) -> String {
             .get(key)
             .map_or_else(|| "default".to_owned(), ToString::to_string);
         match table.get(key) {
+            // Secrets are never printed, only whether and where they are set.
+            Some(value) if key.starts_with("secret_key") => out.push_str(&format!(
+                "{key} = \"<redacted: {} characters>\"  # {origin}\n",
+                value.as_str().map_or(0, |v| v.chars().count())
+            )),
             Some(value) => out.push_str(&format!("{key} = {value}  # {origin}\n")),
             None => out.push_str(&format!("# {key} = (unset)  # {origin}\n")),
         }
@@ -649,7 +772,7 @@ mod tests {
             Some(&Origin::Env("FERROCORN_WORKERS".into()))
         );
         assert_eq!(raw.duckdb_memory_limit.as_deref(), Some("1GB"));
-        assert_eq!(raw.loglevel.as_deref(), Some("debug"));
+        assert_eq!(raw.debug, Some(true));
         assert_eq!(raw.bind, Some(vec!["127.0.0.1:1".into(), "[::1]:2".into()]));
         assert_eq!(raw.data_dir, Some(PathBuf::from("123")));
     }

@@ -289,6 +289,53 @@ keys! {
     accesslog: String = None,
     arg(long = "access-logfile", value_name = "FILE"),
     restart = false;
+    /// "development" or "production". Production refuses to start without a secret_key of 64
+    /// characters or more, or with debug on, and requires a credential on every endpoint but
+    /// /healthz, /readyz and /v1/auth/token.
+    environment: String = Some("development".to_owned()),
+    arg(long, value_name = "NAME"),
+    env "ENVIRONMENT",
+    restart = false;
+    /// Debug logging (loglevel "debug"); refused in production.
+    debug: bool = Some(false),
+    arg(long, value_name = "BOOL"),
+    restart = false;
+    /// The key bearer tokens are signed with (HS256). Set it in the environment or the file,
+    /// never as a flag; changing it (and HUP) invalidates every token it signed.
+    secret_key: String = None,
+    arg(skip),
+    env "SECRET_KEY",
+    restart = false;
+    /// The key before a rotation: tokens it signed are still accepted until they expire.
+    secret_key_previous: String = None,
+    arg(skip),
+    env "SECRET_KEY_PREVIOUS",
+    restart = false;
+    /// The users file (TOML): accounts with argon2id password hashes, API keys, scopes and
+    /// datasets. Written by `ferrocorn user add`; re-read by each worker at start (HUP).
+    users_file: PathBuf = None,
+    arg(long, value_name = "FILE"),
+    restart = false;
+    /// Seconds a token from POST /v1/auth/token is valid.
+    token_ttl: u64 = Some(3600),
+    arg(long, value_name = "SECONDS"),
+    restart = false;
+    /// API requests a minute of one user or API key, for the whole pool (0: unlimited).
+    rate_limit_per_minute: u64 = Some(60),
+    arg(long, value_name = "N"),
+    env "RATE_LIMIT_PER_MINUTE",
+    restart = false;
+    /// Logins (POST /v1/auth/token) a minute from one client address, for the whole pool (0:
+    /// unlimited).
+    rate_limit_auth_per_minute: u64 = Some(5),
+    arg(long, value_name = "N"),
+    env "RATE_LIMIT_AUTH_PER_MINUTE",
+    restart = false;
+    /// Proxies trusted to name the client in X-Forwarded-For: comma-separated addresses, or "*".
+    forwarded_allow_ips: String = Some("127.0.0.1,::1".to_owned()),
+    arg(long, value_name = "ADDRESSES"),
+    env "FORWARDED_ALLOW_IPS",
+    restart = false;
     /// Per-dataset options, as tables [datasets.NAME] with storage, sort_key and warmup.
     datasets: BTreeMap<String, DatasetOptions> = None,
     arg(skip),

@@ -6,6 +6,7 @@
 //!
 //! # Layout
 //!
+//! - [`accounts`]: `ferrocorn user add` and `ferrocorn key add`, entries of the users file.
 //! - [`cli`]: command-line flags, and loading every configuration layer.
 //! - [`keys`]: every configuration key, declared once (raw layer, defaults, flags, docs).
 //! - [`config`]: raw configuration (defaults, file, environment) and its resolution into
@@ -49,6 +50,7 @@
 //! | 71 | an operating-system call failed at start-up (`EX_OSERR`) |
 //! | 73 | the log or PID file, or the cache directory's lock file, could not be created (`EX_CANTCREAT`) |
 
+pub mod accounts;
 pub mod cli;
 pub mod config;
 pub mod keys;
@@ -108,6 +110,9 @@ pub fn main() -> i32 {
             return if e.use_stderr() { EXIT_USAGE } else { 0 };
         }
     };
+    if let Some(command) = &cli.command {
+        return accounts::run(command);
+    }
     let (raw, origins) = match cli.load(&ProcessEnv) {
         Ok(loaded) => loaded,
         Err(e) => {

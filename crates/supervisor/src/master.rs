@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use ferrocorn_query_core::{EngineSettings, StorageSettings};
 use ferrocorn_scoreboard::{MAX_RECORDS, RecordState, Scoreboard, monotonic_ms};
 use ferrocorn_worker::AccessLogTarget;
+use ferrocorn_worker::AuthSettings;
 use ferrocorn_worker::QuerySettings;
 use ferrocorn_worker::ResultCacheSettings;
 use ferrocorn_worker::{EXIT_BOOT_FAILED, WorkerArgs, WorkerSettings};
@@ -113,6 +114,11 @@ impl Master {
         let listeners = Listeners::bind(&config, config.workers).map_err(StartError::Bind)?;
         for address in listeners.addresses() {
             tracing::info!(%address, "listening");
+        }
+        if !config.production {
+            tracing::warn!(
+                "DEVELOPMENT MODE: requests without a credential are served, debug may be on and errors may say more than a client should see; set ENVIRONMENT=production (and SECRET_KEY) for a server others can reach"
+            );
         }
         let pidfile = match &config.pidfile {
             Some(path) => {
@@ -458,6 +464,16 @@ impl Master {
                 disk_worthy: c.result_cache_min,
             }),
             sandbox: c.sandbox,
+            auth: AuthSettings {
+                required: c.production,
+                secret_key: c.secret_key.clone(),
+                previous_key: c.secret_key_previous.clone(),
+                users_file: c.users_file.clone(),
+                token_ttl: c.token_ttl,
+                per_user_per_minute: c.rate_limit_per_minute,
+                auth_per_address_per_minute: c.rate_limit_auth_per_minute,
+                forwarded_allow: c.forwarded_allow.clone(),
+            },
             log_files: c
                 .errorlog
                 .iter()

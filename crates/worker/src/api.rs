@@ -149,3 +149,19 @@ pub enum QueryErrors {
     #[response(status = 504, content_type = "application/problem+json")]
     Timeout(Problem),
 }
+
+/// The errors `POST /v1/auth/token` can answer.
+// Only the description is used: errors are built as `ApiError`s.
+#[allow(dead_code)]
+#[derive(Debug, IntoResponses)]
+pub enum TokenErrors {
+    /// The body is not credentials (`invalid_body`).
+    #[response(status = 400, content_type = "application/problem+json")]
+    BadRequest(Problem),
+    /// Wrong username or password (`invalid_credentials`), with `WWW-Authenticate`.
+    #[response(status = 401, content_type = "application/problem+json")]
+    Unauthorized(Problem),
+    /// The server has no `secret_key` (`tokens_unavailable`).
+    #[response(status = 503, content_type = "application/problem+json")]
+    Unavailable(Problem),
+}

@@ -1,6 +1,7 @@
 //! The worker's HTTP application: the router, the front-line middleware (request ids, request
-//! line and header limits, request counting, `Connection: close` while draining, the access log)
-//! and the operations and catalogue endpoints.
+//! line, header and body-size limits, the framing rules of RFC 9112 that hyper leaves to the
+//! application, request counting, `Connection: close` while draining, the access log) and the
+//! operations and catalogue endpoints.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -11,7 +12,7 @@ use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use ferrocorn_query_core::error::chain as error_chain;
 use ferrocorn_query_core::{DatasetInfo, Storage};
 use ferrocorn_scoreboard::{PoolCounters, WorkerRecord};
@@ -20,6 +21,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::access_log::AccessEntry;
 use crate::api::{ColumnDoc, DatasetDoc, DatasetList, Health, Ready};
+use crate::auth::Principal;
 use crate::openapi::ApiDoc;
 use crate::problem::{ApiError, Problem};
 use crate::settings::WorkerSettings;
@@ -35,6 +37,7 @@ fn documented_routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(list_datasets))
         .routes(routes!(get_dataset))
         .routes(routes!(crate::metrics::metrics))
+        .routes(routes!(crate::login::post_token))
         .split_for_parts()
 }
 
@@ -62,16 +65,35 @@ pub fn router(state: Arc<AppState>) -> Result<Router, serde_json::Error> {
         .with_state(state))
 }
 
-/// Runs around every request: limits, request id, accounting, drain.
+/// Runs around every request: limits, framing, request id, accounting, drain.
 async fn front_line(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let begun = Begun::of(&state, &request);
     let request_id = begun.request_id.clone();
     let response = crate::request_id::scope(request_id, async move {
-        match check_limits(&state.settings, &request) {
-            Err(e) => e.into_response(),
+        match admit(&state.settings, &request) {
+            Err(e) => {
+                // The body is unread, and its framing may be what is wrong: nothing after it on
+                // this connection can be trusted to be a request.
+                let mut response = e.into_response();
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                response
+            }
             Ok(()) => {
-                let _in_flight = state.count(&request);
-                next.run(request).await
+                let mut request = request;
+                match crate::login::check(&state, &mut request) {
+                    Err(e) => e.into_response(),
+                    Ok(limits) => {
+                        let _in_flight = state.count(&request);
+                        let mut response = next.run(request).await;
+                        if let Some([limit, policy]) = limits {
+                            response.headers_mut().insert("ratelimit", limit);
+                            response.headers_mut().insert("ratelimit-policy", policy);
+                        }
+                        response
+                    }
+                }
             }
         }
     })
@@ -82,12 +104,12 @@ async fn front_line(State(state): State<Arc<AppState>>, request: Request, next: 
 /// `GET /healthz` answered straight from the connection, before the router: the same answer,
 /// headers, accounting and access line as through it, without the routing and middleware
 /// machinery that would otherwise cost a tenth of a health probe's time (see `docs/design.md`,
-/// "The health path"). `None` for any other request, or one the limits refuse (the router
+/// "The health path"). `None` for any other request, or one the front line refuses (the router
 /// answers those, with the same problem documents as ever).
 pub fn fast_health<B>(state: &Arc<AppState>, request: &http::Request<B>) -> Option<Response> {
     if request.method() != http::Method::GET
         || request.uri().path() != "/healthz"
-        || check_limits(&state.settings, request).is_err()
+        || admit(&state.settings, request).is_err()
     {
         return None;
     }
@@ -177,9 +199,7 @@ impl AppState {
     }
 }
 
-/// The peer's address, inserted into each request by the connection that carries it.
-#[derive(Clone, Copy, Debug)]
-pub struct PeerAddr(pub std::net::IpAddr);
+pub use crate::login::PeerAddr;
 
 /// The parts of a request its access line shows.
 struct RequestFacts {
@@ -226,6 +246,15 @@ impl Drop for InFlight {
     }
 }
 
+/// What the front line refuses before any handler runs: the limits, then what RFC 9112 asks of
+/// a request that hyper's parser lets through.
+fn admit<B>(settings: &WorkerSettings, request: &http::Request<B>) -> Result<(), ApiError> {
+    check_limits(settings, request)?;
+    check_target(request)?;
+    check_host(request)?;
+    check_transfer_coding(request)
+}
+
 fn check_limits<B>(settings: &WorkerSettings, request: &http::Request<B>) -> Result<(), ApiError> {
     // The request line is "METHOD SP target SP HTTP/1.1"; hyper has parsed it already.
     let uri = request.uri();
@@ -247,7 +276,108 @@ fn check_limits<B>(settings: &WorkerSettings, request: &http::Request<B>) -> Res
             });
         }
     }
+    // A body announced past the limit is refused at once rather than awaited.
+    let limit = settings.query.max_body_bytes;
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|len| usize::try_from(len).map_or(true, |len| len > limit)) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
     Ok(())
+}
+
+/// RFC 9112 §3.2: a target is ASCII (hyper passes raw UTF-8 through), asterisk-form is for
+/// OPTIONS and authority-form for CONNECT; and an absolute-form target names no user (RFC 9110
+/// §4.2.4).
+fn check_target<B>(request: &http::Request<B>) -> Result<(), ApiError> {
+    let uri = request.uri();
+    let refuse = |why: &str| Err(ApiError::InvalidTarget(format!("the request target {why}")));
+    if uri.path_and_query().is_some_and(|p| !p.as_str().is_ascii()) {
+        return refuse("is not ASCII");
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return refuse("names a user");
+    }
+    if uri.path() == "*" && request.method() != http::Method::OPTIONS {
+        return refuse("* is for OPTIONS only");
+    }
+    if uri.scheme().is_none()
+        && uri.authority().is_some()
+        && request.method() != http::Method::CONNECT
+    {
+        return refuse("in authority-form is for CONNECT only");
+    }
+    Ok(())
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request has exactly one `Host`, a request of any version at most
+/// one, and it is `uri-host [":" port]`.
+fn check_host<B>(request: &http::Request<B>) -> Result<(), ApiError> {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if request.version() == http::Version::HTTP_10 => Ok(()),
+        (None, _) => Err(ApiError::InvalidHost(
+            "an HTTP/1.1 request needs a Host field".into(),
+        )),
+        (Some(_), Some(_)) => Err(ApiError::InvalidHost(
+            "a request has one Host field at most".into(),
+        )),
+        (Some(host), None) if is_host(host.as_bytes()) => Ok(()),
+        (Some(host), None) => Err(ApiError::InvalidHost(format!(
+            "Host {:?} is not host[:port]",
+            String::from_utf8_lossy(host.as_bytes())
+        ))),
+    }
+}
+
+/// `uri-host [":" port]` (RFC 3986 §3.2.2, §3.2.3): `http`'s authority parser, without the
+/// userinfo it allows, with the port's digits and an IPv6 literal's address checked. Empty is
+/// not a host: an `http` URI with an empty host is invalid (RFC 9110 §4.2.1).
+fn is_host(value: &[u8]) -> bool {
+    let Ok(authority) = http::uri::Authority::try_from(value) else {
+        return false;
+    };
+    let text = authority.as_str();
+    if text.contains('@') {
+        return false;
+    }
+    let host = authority.host();
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(literal) => literal.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => !host.is_empty(),
+    };
+    let port = &text[host.len()..];
+    host_ok
+        && (port.is_empty()
+            || port
+                .strip_prefix(':')
+                .is_some_and(|digits| digits.bytes().all(|b| b.is_ascii_digit())))
+}
+
+/// RFC 9112 §6.1: hyper frames a body by `Transfer-Encoding` when its last coding is `chunked`
+/// (refusing it otherwise) and decodes that one coding only. Any other coding, or chunked twice,
+/// is not implemented here (501), rather than a body read as if it were plain.
+fn check_transfer_coding<B>(request: &http::Request<B>) -> Result<(), ApiError> {
+    let fields = request.headers().get_all(header::TRANSFER_ENCODING);
+    let mut codings = fields
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or_default().split(','))
+        .map(str::trim)
+        .filter(|c| !c.is_empty());
+    match (codings.next(), codings.next()) {
+        (None, _) => Ok(()),
+        (Some(only), None) if only.eq_ignore_ascii_case("chunked") => Ok(()),
+        _ => Err(ApiError::UnsupportedTransferCoding(
+            fields
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()))
+                .collect::<Vec<_>>()
+                .join(", "),
+        )),
+    }
 }
 
 /// Liveness: answers from the worker's event loop, never touches DuckDB.
@@ -328,10 +458,19 @@ fn describe(info: &DatasetInfo) -> DatasetDoc {
 /// The catalogue: every dataset of the data directory.
 #[utoipa::path(get, path = "/v1/datasets", tag = "datasets",
     responses((status = 200, description = "The datasets, by name", body = DatasetList)))]
-async fn list_datasets(State(state): State<Arc<AppState>>) -> Json<DatasetList> {
+async fn list_datasets(
+    State(state): State<Arc<AppState>>,
+    principal: Option<Extension<Principal>>,
+) -> Json<DatasetList> {
     let catalog = fresh_catalog(&state).await;
+    // A credential limited to some datasets sees only those.
+    let readable = |name: &str| principal.as_ref().is_none_or(|p| p.may_read(name));
     Json(DatasetList {
-        datasets: catalog.iter().map(describe).collect(),
+        datasets: catalog
+            .iter()
+            .filter(|d| readable(&d.dataset.name))
+            .map(describe)
+            .collect(),
     })
 }
 
@@ -344,8 +483,12 @@ async fn list_datasets(State(state): State<Arc<AppState>>) -> Json<DatasetList> 
     ))]
 async fn get_dataset(
     State(state): State<Arc<AppState>>,
+    principal: Option<Extension<Principal>>,
     Path(name): Path<String>,
 ) -> Result<Json<DatasetDoc>, ApiError> {
+    if principal.as_ref().is_some_and(|p| !p.may_read(&name)) {
+        return Err(ApiError::DatasetForbidden(name));
+    }
     let catalog = fresh_catalog(&state).await;
     catalog
         .iter()
@@ -357,6 +500,45 @@ async fn get_dataset(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_is_a_uri_host_and_an_optional_port() {
+        for host in [
+            "x",
+            "example.com:8080",
+            "127.0.0.1",
+            "[::1]:80",
+            "my_host.",
+            "x:",
+        ] {
+            assert!(is_host(host.as_bytes()), "{host:?} is a host");
+        }
+        for not_host in [
+            "", "a b", "x/y", "x?y", "x#y", "u@x", "u:p@x", "x:http", "x:1:2", "[::1", "[nope]",
+        ] {
+            assert!(!is_host(not_host.as_bytes()), "{not_host:?} is not a host");
+        }
+    }
+
+    #[test]
+    fn only_a_single_chunked_coding_is_implemented() {
+        let coded = |fields: &[&str]| {
+            let mut request = http::Request::new(());
+            for field in fields {
+                request.headers_mut().append(
+                    header::TRANSFER_ENCODING,
+                    HeaderValue::from_str(field).expect("field"),
+                );
+            }
+            check_transfer_coding(&request).is_ok()
+        };
+        assert!(coded(&[]));
+        assert!(coded(&["chunked"]));
+        assert!(coded(&[" Chunked ", ""]));
+        assert!(!coded(&["gzip, chunked"]));
+        assert!(!coded(&["chunked, chunked"]));
+        assert!(!coded(&["chunked", "chunked"]));
+    }
 
     #[test]
     fn the_contract_serialises_with_every_route() {

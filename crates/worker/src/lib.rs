@@ -9,6 +9,8 @@
 //!
 //! - `settings`: what the supervisor passes down ([`WorkerSettings`], [`WorkerArgs`]) and every
 //!   setting the other modules read.
+//! - `auth`: the users file, API keys and signed bearer tokens: who a request comes from and
+//!   what it may do.
 //! - `logfile`: append-only log files reopened on SIGUSR1 (error and access logs).
 //! - `access_log`: one combined-format line per request.
 //! - `sandbox`: the worker's Landlock rules, applied right after the fork, and their proof.
@@ -22,6 +24,8 @@
 //! - `caching`: result keys, `ETag`s and the result cache's headers.
 //! - `stream`: a query on the blocking pool, its bytes moved to the response.
 //! - `state`: what every request of one worker shares, and the catalogue refresh.
+//! - `login`: `POST /v1/auth/token`, and the front line's check of every other request's
+//!   credential.
 //! - `query`: `/v1/query`, from the request to the answer.
 //! - `metrics`: `/metrics` for the whole pool.
 //! - `http`: the router, the front-line middleware and the other endpoints.
@@ -39,10 +43,12 @@
 mod access_log;
 mod admission;
 mod api;
+mod auth;
 mod caching;
 mod compress;
 mod http;
 mod logfile;
+mod login;
 mod metrics;
 mod negotiate;
 mod openapi;
@@ -56,9 +62,10 @@ mod settings;
 mod state;
 mod stream;
 
+pub use auth::{Scope, check_users_file, hash_password, key_digest};
 pub use logfile::LogFile;
 pub use server::{EXIT_BOOT_FAILED, run, sandbox_probe};
 pub use settings::{
-    AccessLogTarget, Listener, QuerySettings, ResultCacheSettings, SandboxMode, WorkerArgs,
-    WorkerSettings,
+    AccessLogTarget, AuthSettings, ForwardedAllow, Listener, QuerySettings, ResultCacheSettings,
+    SandboxMode, WorkerArgs, WorkerSettings,
 };

@@ -5,6 +5,8 @@
 
 use axum::response::{IntoResponse, Response};
 use ferrocorn_query_core::{QueryError, Refusal};
+
+use crate::auth::AuthError;
 use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
 
@@ -20,6 +22,15 @@ pub enum ApiError {
     RequestLineTooLong { limit: usize },
     #[error("header field {name} longer than {limit} bytes")]
     HeaderFieldTooLarge { name: String, limit: usize },
+    /// The request's `Host` breaks RFC 9112 §3.2 (missing in HTTP/1.1, repeated, or invalid).
+    #[error("{0}")]
+    InvalidHost(String),
+    /// The request target is not one this server accepts (RFC 9112 §3.2).
+    #[error("{0}")]
+    InvalidTarget(String),
+    /// A transfer coding other than one `chunked` (RFC 9112 §6.1).
+    #[error("transfer coding {0:?} is not implemented; only a single chunked is")]
+    UnsupportedTransferCoding(String),
     #[error("DuckDB is not ready: {0}")]
     NotReady(String),
     /// The body is not a JSON object of the query's fields.
@@ -47,6 +58,21 @@ pub enum ApiError {
     UnknownDataset(String),
     #[error(transparent)]
     Query(#[from] QueryError),
+    /// No credential, a bad one, a refused login, or a credential without the scope.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("this credential may not read the dataset {0:?}")]
+    DatasetForbidden(String),
+    #[error("more than {limit} requests a minute{whose}; retry later")]
+    RateLimited {
+        limit: u32,
+        /// " from this address" or "" (per user).
+        whose: &'static str,
+        /// When the next request would pass.
+        retry_after: std::time::Duration,
+        /// The `RateLimit` and `RateLimit-Policy` header values.
+        headers: [HeaderValue; 2],
+    },
     #[error("internal error")]
     Internal,
 }
@@ -62,6 +88,11 @@ impl ApiError {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "header_too_large",
             ),
+            Self::InvalidHost(_) => (StatusCode::BAD_REQUEST, "invalid_host"),
+            Self::InvalidTarget(_) => (StatusCode::BAD_REQUEST, "invalid_target"),
+            Self::UnsupportedTransferCoding(_) => {
+                (StatusCode::NOT_IMPLEMENTED, "unsupported_transfer_coding")
+            }
             Self::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
             Self::InvalidBody(_) => (StatusCode::BAD_REQUEST, "invalid_body"),
             Self::InvalidQueryString(_) => (StatusCode::BAD_REQUEST, "invalid_query_string"),
@@ -98,8 +129,37 @@ impl ApiError {
                 QueryError::Execution(_) => (StatusCode::BAD_REQUEST, "sql_error"),
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             },
+            Self::Auth(error) => match error {
+                AuthError::Missing => (StatusCode::UNAUTHORIZED, "unauthorized"),
+                AuthError::Malformed | AuthError::Invalid => {
+                    (StatusCode::UNAUTHORIZED, "invalid_token")
+                }
+                AuthError::Expired => (StatusCode::UNAUTHORIZED, "token_expired"),
+                AuthError::BadCredentials => (StatusCode::UNAUTHORIZED, "invalid_credentials"),
+                AuthError::NoSecret => (StatusCode::SERVICE_UNAVAILABLE, "tokens_unavailable"),
+                AuthError::MissingScope(_) => (StatusCode::FORBIDDEN, "insufficient_scope"),
+            },
+            Self::DatasetForbidden(_) => (StatusCode::FORBIDDEN, "dataset_forbidden"),
+            Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
+    }
+
+    /// The `WWW-Authenticate` challenge of an authentication error (RFC 6750 §3).
+    pub fn challenge(&self) -> Option<String> {
+        let Self::Auth(error) = self else {
+            return None;
+        };
+        Some(match error {
+            AuthError::Missing | AuthError::BadCredentials => "Bearer realm=\"ferrocorn\"".into(),
+            AuthError::Malformed | AuthError::Invalid | AuthError::Expired => {
+                "Bearer realm=\"ferrocorn\", error=\"invalid_token\"".into()
+            }
+            AuthError::MissingScope(scope) => format!(
+                "Bearer realm=\"ferrocorn\", error=\"insufficient_scope\", scope=\"{scope}\""
+            ),
+            AuthError::NoSecret => return None,
+        })
     }
 
     /// Seconds a client should wait before retrying, for errors that are about load.
@@ -112,6 +172,11 @@ impl ApiError {
                     .max(1),
             ),
             Self::Query(QueryError::OutOfMemory(_)) => Some(1),
+            Self::RateLimited { retry_after, .. } => Some(
+                u32::try_from(retry_after.as_millis().div_ceil(1000))
+                    .unwrap_or(u32::MAX)
+                    .max(1),
+            ),
             _ => None,
         }
     }
@@ -174,6 +239,20 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if let Self::RateLimited {
+            headers: [limit, policy],
+            ..
+        } = &self
+        {
+            let headers = response.headers_mut();
+            headers.insert("ratelimit", limit.clone());
+            headers.insert("ratelimit-policy", policy.clone());
+        }
+        if let Some(challenge) = self.challenge().and_then(|c| HeaderValue::try_from(c).ok()) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, challenge);
         }
         response
     }

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
@@ -20,6 +21,7 @@ use ferrocorn_scoreboard::PoolCounters;
 use http::{HeaderMap, StatusCode, header};
 
 use crate::api::{QueryBody, QueryErrors, QueryResult};
+use crate::auth::Principal;
 use crate::caching::{Caching, RequestShape, answer_headers, insert_vary};
 use crate::compress::Coding;
 use crate::negotiate::negotiate;
@@ -43,6 +45,7 @@ use crate::stream::{Job, insert_result_headers, respond};
 )]
 pub async fn post_query(
     State(state): State<Arc<AppState>>,
+    principal: Option<Extension<Principal>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -60,9 +63,15 @@ pub async fn post_query(
         }
     }
     let limit = state.query.max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::PayloadTooLarge { limit })?;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        // Past the limit, or a body that cannot be read (bad chunked framing, cut short).
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+        {
+            ApiError::PayloadTooLarge { limit }
+        } else {
+            ApiError::InvalidBody(format!("the body cannot be read: {e}"))
+        }
+    })?;
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| ApiError::InvalidBody("the body is not UTF-8".into()))?;
     let value: serde_json::Value = serde_json::from_str(text)
@@ -74,7 +83,7 @@ pub async fn post_query(
     }
     let body: QueryBody =
         serde_json::from_value(value).map_err(|e| ApiError::InvalidBody(e.to_string()))?;
-    run_query(state, &headers, body).await
+    run_query(state, principal.as_ref().map(|p| &p.0), &headers, body).await
 }
 
 /// Run one read-only statement (query string).
@@ -94,6 +103,7 @@ pub async fn post_query(
 )]
 pub async fn get_query(
     State(state): State<Arc<AppState>>,
+    principal: Option<Extension<Principal>>,
     headers: HeaderMap,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -129,6 +139,7 @@ pub async fn get_query(
     }
     run_query(
         state,
+        principal.as_ref().map(|p| &p.0),
         &headers,
         QueryBody {
             sql,
@@ -144,6 +155,7 @@ pub async fn get_query(
 
 async fn run_query(
     state: Arc<AppState>,
+    principal: Option<&Principal>,
     headers: &HeaderMap,
     body: QueryBody,
 ) -> Result<Response, ApiError> {
@@ -179,6 +191,20 @@ async fn run_query(
 
     // The dataset versions in the cache key (and the views the query reads) must be current.
     refresh_catalog(&state.engine).await;
+    // A credential limited to some datasets: every dataset the statement reads, by DuckDB's
+    // parse of it (through CTEs, subqueries, joins, any spelling), must be one of them. Before
+    // the result cache, so that a cached answer is not a way around it.
+    if let Some(principal) = principal.filter(|p| p.datasets.is_some()) {
+        let analysis = gate(&state, &body.sql).await?;
+        let catalog = state.engine.catalog();
+        if let Some(forbidden) = analysis
+            .datasets(&catalog)
+            .into_iter()
+            .find(|d| !principal.may_read(&d.dataset.name))
+        {
+            return Err(ApiError::DatasetForbidden(forbidden.dataset.name.clone()));
+        }
+    }
     // A request shape whose result key this worker remembers for the current catalogue passed
     // the gate with it; any other statement passes the gate first, so that a refused one takes
     // no query slot and costs DuckDB one parse.

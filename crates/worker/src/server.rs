@@ -86,6 +86,8 @@ pub fn run(mut args: WorkerArgs) -> i32 {
         Ok(instance) => instance,
         Err(e) => return early_failure(args, error_chain(&e)),
     };
+    // The users file is read before the sandbox closes the file system (it may live anywhere).
+    let auth = crate::auth::Auth::new(&args.settings.auth);
     let paths = sandbox_paths(&args);
     let sandbox = match crate::sandbox::restrict(&paths, args.settings.sandbox) {
         Ok(status) => status,
@@ -129,7 +131,7 @@ pub fn run(mut args: WorkerArgs) -> i32 {
             return EXIT_BOOT_FAILED;
         }
     };
-    runtime.block_on(serve(args, instance, sandbox))
+    runtime.block_on(serve(args, instance, sandbox, auth))
 }
 
 /// Stack of the threads that call DuckDB.
@@ -171,6 +173,7 @@ async fn serve(
     args: WorkerArgs,
     instance: Instance,
     sandbox: crate::sandbox::SandboxStatus,
+    auth: crate::auth::Auth,
 ) -> i32 {
     let WorkerArgs {
         slot,
@@ -273,6 +276,7 @@ async fn serve(
         on_budget_spent: Box::new(wake_master.clone()),
         access_log,
         sandbox,
+        auth,
     }));
     let connections = Arc::new(Connections::default());
     let cap = Arc::new(Semaphore::new(settings.worker_connections.max(1)));
@@ -563,12 +567,11 @@ async fn serve_connection<G: Send + 'static>(
     guard: G,
 ) {
     let builder = http1(&state.settings);
-    // The peer's address only matters to the access log.
+    // The peer's address: the access log's and the rate limits' client (unless a trusted proxy
+    // names another).
     let peer = match &stream {
-        Stream::Tcp(s) if state.access_log.is_some() => {
-            s.peer_addr().ok().map(|a| PeerAddr(a.ip()))
-        }
-        _ => None,
+        Stream::Tcp(s) => s.peer_addr().ok().map(|a| PeerAddr(a.ip())),
+        Stream::Unix(_) => None,
     };
     let slot = state.slot;
     let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {

@@ -41,6 +41,71 @@ pub struct WorkerSettings {
     /// The log files this worker writes or reopens (the error log and the access log): their
     /// directories stay writable inside the sandbox.
     pub log_files: Vec<PathBuf>,
+    /// Accounts, tokens and whether requests must carry one.
+    pub auth: AuthSettings,
+}
+
+/// Accounts and tokens (`environment`, `secret_key`, `users_file`, …), resolved by the supervisor.
+#[derive(Clone, Default)]
+pub struct AuthSettings {
+    /// `ENVIRONMENT=production`: every endpoint but the probes needs a token or an API key.
+    pub required: bool,
+    /// The key tokens are signed with (`secret_key`); no tokens are issued without one.
+    pub secret_key: Option<String>,
+    /// The key before a rotation (`secret_key_previous`): its tokens are still accepted.
+    pub previous_key: Option<String>,
+    /// The users file (`users_file`): accounts with password hashes, API keys, scopes.
+    pub users_file: Option<PathBuf>,
+    /// How long an issued token is valid (`token_ttl`).
+    pub token_ttl: Duration,
+    /// Requests per minute of one user or API key on the API (`rate_limit_per_minute`; `None`:
+    /// unlimited).
+    pub per_user_per_minute: Option<u32>,
+    /// Logins per minute from one client address (`rate_limit_auth_per_minute`).
+    pub auth_per_address_per_minute: Option<u32>,
+    /// Peers whose `X-Forwarded-For` names the client (`forwarded_allow_ips`).
+    pub forwarded_allow: ForwardedAllow,
+}
+
+/// The peers trusted to say who the client is (Gunicorn's `forwarded_allow_ips`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ForwardedAllow {
+    /// No peer: the client is always the socket's peer.
+    #[default]
+    Nobody,
+    /// These addresses.
+    Addresses(Vec<std::net::IpAddr>),
+    /// `*`: every peer (only behind a proxy that always sets the header).
+    Everyone,
+}
+
+impl ForwardedAllow {
+    pub fn trusts(&self, peer: std::net::IpAddr) -> bool {
+        match self {
+            Self::Nobody => false,
+            Self::Everyone => true,
+            Self::Addresses(list) => list.contains(&peer.to_canonical()),
+        }
+    }
+}
+
+impl fmt::Debug for AuthSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The keys are secrets: never in a log line or a panic message.
+        f.debug_struct("AuthSettings")
+            .field("required", &self.required)
+            .field("secret_key", &self.secret_key.as_ref().map(|_| "<set>"))
+            .field("previous_key", &self.previous_key.as_ref().map(|_| "<set>"))
+            .field("users_file", &self.users_file)
+            .field("token_ttl", &self.token_ttl)
+            .field("per_user_per_minute", &self.per_user_per_minute)
+            .field(
+                "auth_per_address_per_minute",
+                &self.auth_per_address_per_minute,
+            )
+            .field("forwarded_allow", &self.forwarded_allow)
+            .finish()
+    }
 }
 
 /// A listening socket inherited from the master.

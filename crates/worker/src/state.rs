@@ -10,6 +10,7 @@ use ferrocorn_scoreboard::{PoolCounters, Scoreboard, WorkerRecord};
 use crate::access_log::AccessLog;
 use crate::admission::{Admission, SlotTable};
 use crate::api::Health;
+use crate::auth::Auth;
 use crate::caching::{CheapStatements, KeyMemos};
 use crate::request_id::RequestIds;
 use crate::result_cache::ResultCache;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub request_ids: RequestIds,
     /// `/healthz`'s body, serialised once.
     pub health_body: bytes::Bytes,
+    /// Accounts, keys and tokens.
+    pub auth: Auth,
 }
 
 impl std::fmt::Debug for AppState {
@@ -68,6 +71,7 @@ pub struct StateParts {
     pub on_budget_spent: Box<dyn Fn() + Send + Sync>,
     pub access_log: Option<AccessLog>,
     pub sandbox: SandboxStatus,
+    pub auth: Auth,
 }
 
 impl std::fmt::Debug for StateParts {
@@ -90,6 +94,7 @@ impl AppState {
             on_budget_spent,
             access_log,
             sandbox,
+            auth,
         } = parts;
         let result_cache = settings.result_cache.as_ref().and_then(|cache| {
             ResultCache::open(cache, scoreboard.pool())
@@ -129,6 +134,7 @@ impl AppState {
             })
             .unwrap_or_default()
             .into(),
+            auth,
         }
     }
 
