@@ -1118,3 +1118,24 @@ fn framing_slow_loris_connections_neither_starve_health_nor_outlive_the_header_t
     assert_eq!(server.workers(), workers, "no worker was lost");
     assert_eq!(get(addr, "/healthz").expect("healthz").status, 200);
 }
+
+#[test]
+fn framing_a_body_that_does_not_arrive_in_time_is_408_and_frees_the_handler() {
+    let server = Setup::new().key("keepalive", "1").start();
+    for path in ["/v1/query", "/v1/auth/token"] {
+        let mut stream = TcpStream::connect(server.addr()).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        // Headers promise 100 bytes; 10 arrive, then nothing.
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"sql\": \"S"
+        );
+        stream.write_all(head.as_bytes()).expect("write");
+        let mut reader = BufReader::new(stream);
+        let response = crate::support::read_response(&mut reader).expect("an answer, not a hang");
+        assert_eq!(response.status, 408, "{path}");
+        assert_eq!(response.json()["code"], "body_timeout", "{path}");
+    }
+    assert_eq!(get(server.addr(), "/healthz").expect("healthz").status, 200);
+}

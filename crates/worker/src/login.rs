@@ -71,17 +71,23 @@ async fn token(state: Arc<AppState>, request: Request) -> Result<IssuedToken, Ap
         .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
     let request = request
         .map(|body| axum::body::Body::new(http_body_util::Limited::new(body, MAX_LOGIN_BODY)));
-    let credentials = if form {
-        Form::<Credentials>::from_request(request, &())
-            .await
-            .map(|Form(c)| c)
-            .map_err(|e| ApiError::InvalidBody(e.body_text()))?
-    } else {
-        Json::<Credentials>::from_request(request, &())
-            .await
-            .map(|Json(c)| c)
-            .map_err(|e| ApiError::InvalidBody(e.body_text()))?
+    let deadline = state.settings.body_deadline();
+    let read = async {
+        if form {
+            Form::<Credentials>::from_request(request, &())
+                .await
+                .map(|Form(c)| c)
+                .map_err(|e| ApiError::InvalidBody(e.body_text()))
+        } else {
+            Json::<Credentials>::from_request(request, &())
+                .await
+                .map(|Json(c)| c)
+                .map_err(|e| ApiError::InvalidBody(e.body_text()))
+        }
     };
+    let credentials = tokio::time::timeout(deadline, read)
+        .await
+        .map_err(|_| ApiError::BodyTimeout(deadline))??;
     if credentials
         .grant_type
         .as_deref()

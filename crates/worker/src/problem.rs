@@ -61,6 +61,8 @@ pub enum ApiError {
     /// No credential, a bad one, a refused login, or a credential without the scope.
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error("the request body did not arrive within {} s", .0.as_secs_f64())]
+    BodyTimeout(std::time::Duration),
     #[error("this credential may not read the dataset {0:?}")]
     DatasetForbidden(String),
     #[error("more than {limit} requests a minute{whose}; retry later")]
@@ -140,6 +142,7 @@ impl ApiError {
                 AuthError::MissingScope(_) => (StatusCode::FORBIDDEN, "insufficient_scope"),
             },
             Self::DatasetForbidden(_) => (StatusCode::FORBIDDEN, "dataset_forbidden"),
+            Self::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
             Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }

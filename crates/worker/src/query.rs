@@ -63,7 +63,11 @@ pub async fn post_query(
         }
     }
     let limit = state.query.max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let deadline = state.settings.body_deadline();
+    let bytes = tokio::time::timeout(deadline, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| ApiError::BodyTimeout(deadline))?
+        .map_err(|e| {
         // Past the limit, or a body that cannot be read (bad chunked framing, cut short).
         if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
         {

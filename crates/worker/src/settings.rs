@@ -108,6 +108,19 @@ impl fmt::Debug for AuthSettings {
     }
 }
 
+impl WorkerSettings {
+    /// How long a client has to send a request's body once its headers are in: the header
+    /// deadline (`keepalive`, or 5 s when keep-alive is off), so a slow body cannot hold a
+    /// handler (and a query slot) longer than slow headers could hold the connection.
+    pub fn body_deadline(&self) -> Duration {
+        if self.keepalive.is_zero() {
+            Duration::from_secs(5)
+        } else {
+            self.keepalive
+        }
+    }
+}
+
 /// A listening socket inherited from the master.
 pub enum Listener {
     Tcp(std::net::TcpListener),
