@@ -136,7 +136,16 @@ fn code(response: &Response) -> String {
 fn production_needs_a_credential_everywhere_but_the_probes_and_the_login() {
     let (server, key) = production_pool();
     let addr = server.addr();
-    assert_eq!(get(addr, "/healthz").expect("healthz").status, 200);
+    let health = get(addr, "/healthz").expect("healthz");
+    assert_eq!(health.status, 200);
+    assert_eq!(health.header("x-content-type-options"), Some("nosniff"));
+    assert!(
+        health
+            .header("content-security-policy")
+            .is_some_and(|p| p.contains("default-src 'none'")),
+        "{:?}",
+        health.header("content-security-policy")
+    );
     assert_eq!(get(addr, "/readyz").expect("readyz").status, 200);
     for path in [
         "/v1/datasets",
@@ -147,6 +156,7 @@ fn production_needs_a_credential_everywhere_but_the_probes_and_the_login() {
         let response = get(addr, path).expect("get");
         assert_eq!(response.status, 401, "{path}");
         assert_eq!(code(&response), "unauthorized", "{path}");
+        assert_eq!(response.header("x-content-type-options"), Some("nosniff"));
         assert_eq!(
             response.header("www-authenticate"),
             Some("Bearer realm=\"ferrocorn\""),

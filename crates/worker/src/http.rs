@@ -147,6 +147,16 @@ impl Begun {
         if let Ok(value) = HeaderValue::from_str(&self.request_id) {
             headers.insert("x-request-id", value);
         }
+        // No response is a document a browser should sniff, run scripts in or frame (the API
+        // serves no HTML; a data response is downloaded, never rendered).
+        headers.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
+        );
         if state.draining.load(Ordering::Relaxed) {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
