@@ -431,3 +431,17 @@ fn rate_limits_hold_for_the_whole_pool_and_survive_a_worker_s_replacement() {
     let after = get_with(addr, "/v1/datasets", &[("Authorization", &auth)]).expect("get");
     assert_eq!(after.status, 429, "a new worker reset the budget");
 }
+
+#[test]
+fn production_error_bodies_name_no_directory_of_the_server() {
+    let setup = Setup::new();
+    std::fs::write(setup.path("data").join("broken.parquet"), b"not parquet").expect("write");
+    let data_dir = setup.path("data").canonicalize().expect("data dir");
+    let (server, _) = production_pool_with(setup.key("rate_limit_auth_per_minute", "100"));
+    let root = token(&server, "root");
+    let refused = query(&server, "SELECT * FROM broken", Some(&root));
+    assert_eq!(refused.status, 503, "{:?}", refused.json());
+    let body = String::from_utf8_lossy(&refused.body).into_owned();
+    assert!(body.contains("<data_dir>"), "{body}");
+    assert!(!body.contains(&data_dir.display().to_string()), "{body}");
+}

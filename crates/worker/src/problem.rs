@@ -185,6 +185,30 @@ impl ApiError {
     }
 }
 
+/// Directories whose paths a problem document must not show, each with what it shows instead
+/// (set once at a production worker's boot: error bodies there carry no internals).
+static REDACTED: std::sync::OnceLock<Vec<(String, &'static str)>> = std::sync::OnceLock::new();
+
+/// From now on, problem documents show `placeholder` where a path starts with its directory.
+pub fn redact_paths(directories: Vec<(String, &'static str)>) {
+    let mut directories: Vec<_> = directories
+        .into_iter()
+        .filter(|(d, _)| !d.is_empty() && d != "/")
+        .collect();
+    // The longest first, so a directory inside another is replaced as itself.
+    directories.sort_by_key(|(d, _)| std::cmp::Reverse(d.len()));
+    let _ = REDACTED.set(directories);
+}
+
+fn redacted(detail: String) -> String {
+    match REDACTED.get() {
+        None => detail,
+        Some(directories) => directories.iter().fold(detail, |text, (dir, placeholder)| {
+            text.replace(dir.as_str(), placeholder)
+        }),
+    }
+}
+
 /// An error (RFC 9457 problem document).
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Problem {
@@ -213,7 +237,7 @@ impl ApiError {
             title: status.canonical_reason().unwrap_or("Error"),
             status: status.as_u16(),
             code,
-            detail: self.to_string(),
+            detail: redacted(self.to_string()),
             request_id: crate::request_id::current(),
         }
     }

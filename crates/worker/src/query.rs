@@ -68,14 +68,15 @@ pub async fn post_query(
         .await
         .map_err(|_| ApiError::BodyTimeout(deadline))?
         .map_err(|e| {
-        // Past the limit, or a body that cannot be read (bad chunked framing, cut short).
-        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-        {
-            ApiError::PayloadTooLarge { limit }
-        } else {
-            ApiError::InvalidBody(format!("the body cannot be read: {e}"))
-        }
-    })?;
+            // Past the limit, or a body that cannot be read (bad chunked framing, cut short).
+            if std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            {
+                ApiError::PayloadTooLarge { limit }
+            } else {
+                ApiError::InvalidBody(format!("the body cannot be read: {e}"))
+            }
+        })?;
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| ApiError::InvalidBody("the body is not UTF-8".into()))?;
     let value: serde_json::Value = serde_json::from_str(text)

@@ -88,6 +88,24 @@ pub fn run(mut args: WorkerArgs) -> i32 {
     };
     // The users file is read before the sandbox closes the file system (it may live anywhere).
     let auth = crate::auth::Auth::new(&args.settings.auth);
+    if args.settings.auth.required {
+        // Production: error bodies name no directory of the server (as configured, or as the
+        // kernel resolves it).
+        let engine = &args.engine;
+        let mut directories = Vec::new();
+        let mut add = |path: &std::path::Path, placeholder: &'static str| {
+            directories.push((path.display().to_string(), placeholder));
+            if let Ok(real) = path.canonicalize() {
+                directories.push((real.display().to_string(), placeholder));
+            }
+        };
+        add(&engine.data_dir, "<data_dir>");
+        add(&engine.temp_dir, "<temp_dir>");
+        if let Some(snapshots) = &engine.storage.snapshot_dir {
+            add(snapshots, "<snapshots>");
+        }
+        crate::problem::redact_paths(directories);
+    }
     let paths = sandbox_paths(&args);
     let sandbox = match crate::sandbox::restrict(&paths, args.settings.sandbox) {
         Ok(status) => status,
