@@ -42,7 +42,7 @@ fn production_pool() -> (Server, String) {
     )
 }
 
-fn production_pool_with(setup: Setup) -> (Server, String) {
+pub fn production_pool_with(setup: Setup) -> (Server, String) {
     let setup = setup.with_sample_data();
     let users = setup.path("users.toml");
     let users_arg = users.display().to_string();
@@ -94,7 +94,7 @@ fn login(server: &Server, body: &str, content_type: &str) -> Response {
     .expect("login")
 }
 
-fn token(server: &Server, user: &str) -> String {
+pub fn token(server: &Server, user: &str) -> String {
     let response = login(
         server,
         &format!(r#"{{"username": "{user}", "password": "s3cret pass"}}"#),
@@ -259,6 +259,18 @@ fn production_refuses_to_start_without_a_strong_secret_or_with_debug() {
                 ("DEBUG", "true"),
             ],
             "debug",
+        ),
+        (
+            vec![
+                ("ENVIRONMENT", "production"),
+                ("SECRET_KEY", SECRET),
+                ("BACKEND_CORS_ORIGINS", r#"["*"]"#),
+            ],
+            "cors_origins",
+        ),
+        (
+            vec![("BACKEND_CORS_ORIGINS", r#"["https://bi.example.com/app"]"#)],
+            "cors_origins",
         ),
     ] {
         let mut setup = Setup::new();

@@ -2,6 +2,7 @@
 
 mod auth;
 mod cli;
+mod cors;
 mod fastpath;
 mod framing;
 mod hostile;

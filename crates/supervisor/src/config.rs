@@ -170,7 +170,16 @@ fn parse_bool(value: &str) -> Option<bool> {
 /// one of the key's type, else as a string; `bind` takes a comma-separated list.
 fn env_layer(var: &str, key: &str, value: &str) -> Result<(RawConfig, Origin), ConfigError> {
     let mut candidates = Vec::new();
-    if key == "bind" {
+    if key == "cors_origins" && value.trim_start().starts_with('[') {
+        // The old stack's BACKEND_CORS_ORIGINS is a JSON list.
+        let list: Vec<String> = serde_json::from_str(value).map_err(|e| ConfigError::Env {
+            var: var.to_owned(),
+            message: format!("not a JSON list of origins: {e}"),
+        })?;
+        candidates.push(toml::Value::Array(
+            list.into_iter().map(toml::Value::String).collect(),
+        ));
+    } else if key == "bind" || key == "cors_origins" {
         let list: Vec<toml::Value> = value
             .split(',')
             .map(str::trim)
@@ -296,6 +305,7 @@ pub struct Config {
     pub rate_limit_per_minute: Option<u32>,
     pub rate_limit_auth_per_minute: Option<u32>,
     pub forwarded_allow: ForwardedAllow,
+    pub cors_origins: Vec<String>,
 }
 
 /// The shortest `secret_key` production accepts.
@@ -525,6 +535,32 @@ impl Config {
                 format!("{} does not exist or is not a file", path.display()),
             ));
         }
+        let cors_origins = require(&raw.cors_origins, "cors_origins")?;
+        for origin in &cors_origins {
+            if origin == "*" {
+                if production {
+                    return Err(invalid(
+                        "cors_origins",
+                        "\"*\" is not allowed with ENVIRONMENT=production: list the origins",
+                    ));
+                }
+                continue;
+            }
+            let exact = http::Uri::try_from(origin.as_str()).is_ok_and(|uri| {
+                matches!(uri.scheme_str(), Some("http" | "https"))
+                    && uri.authority().is_some()
+                    && uri
+                        .path_and_query()
+                        .is_none_or(|p| p.as_str() == "/" || p.as_str().is_empty())
+                    && !origin.ends_with('/')
+            });
+            if !exact {
+                return Err(invalid(
+                    "cors_origins",
+                    format!("{origin:?} is not an origin (scheme://host[:port], no path)"),
+                ));
+            }
+        }
         let token_ttl = Duration::from_secs(ranged!(raw.token_ttl, 1..=31_536_000)?);
         let per_minute = |n: u64| (n > 0).then_some(n as u32);
         let rate_limit_per_minute = per_minute(ranged!(raw.rate_limit_per_minute, 0..=60_000)?);
@@ -613,6 +649,7 @@ impl Config {
             rate_limit_per_minute,
             rate_limit_auth_per_minute,
             forwarded_allow,
+            cors_origins,
         })
     }
 

@@ -336,6 +336,12 @@ keys! {
     arg(long, value_name = "ADDRESSES"),
     env "FORWARDED_ALLOW_IPS",
     restart = false;
+    /// Origins a browser may call the API from: a list of exact origins such as
+    /// "https://bi.example.com", or "*" (refused in production).
+    cors_origins: Vec<String> = Some(Vec::new()),
+    arg(long = "cors-origin", value_name = "ORIGIN", num_args = 1, action = clap::ArgAction::Append),
+    env "BACKEND_CORS_ORIGINS",
+    restart = false;
     /// Per-dataset options, as tables [datasets.NAME] with storage, sort_key and warmup.
     datasets: BTreeMap<String, DatasetOptions> = None,
     arg(skip),

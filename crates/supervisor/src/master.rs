@@ -474,6 +474,7 @@ impl Master {
                 auth_per_address_per_minute: c.rate_limit_auth_per_minute,
                 forwarded_allow: c.forwarded_allow.clone(),
             },
+            cors_origins: c.cors_origins.clone(),
             log_files: c
                 .errorlog
                 .iter()

@@ -51,7 +51,7 @@ fn spec_json(api: &utoipa::openapi::OpenApi) -> Result<Bytes, serde_json::Error>
 pub fn router(state: Arc<AppState>) -> Result<Router, serde_json::Error> {
     let (routes, api) = documented_routes();
     let spec = spec_json(&api)?;
-    Ok(routes
+    let routes = routes
         .route(
             "/openapi.json",
             get(move || {
@@ -61,8 +61,59 @@ pub fn router(state: Arc<AppState>) -> Result<Router, serde_json::Error> {
         )
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(middleware::from_fn_with_state(state.clone(), front_line))
-        .with_state(state))
+        .layer(middleware::from_fn_with_state(state.clone(), front_line));
+    // Outside the front line: a preflight carries no credential and is answered here.
+    let routes = match cors(&state.settings.cors_origins) {
+        Some(layer) => routes.layer(layer),
+        None => routes,
+    };
+    Ok(routes.with_state(state))
+}
+
+/// The CORS policy of `cors_origins` (none when empty): exact origins (`Vary: Origin`), the
+/// methods and request headers the API uses, and the response headers a client needs exposed.
+/// Credentials (cookies) are never allowed: the API authenticates with bearer tokens.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok())
+                .collect::<Vec<_>>(),
+        )
+    };
+    let name = http::HeaderName::from_static;
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([http::Method::GET, http::Method::POST])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::ACCEPT,
+                header::CACHE_CONTROL,
+                header::IF_NONE_MATCH,
+                name("x-request-id"),
+                name("traceparent"),
+            ])
+            .expose_headers([
+                name("x-request-id"),
+                name("ratelimit"),
+                name("ratelimit-policy"),
+                header::RETRY_AFTER,
+                name("server-timing"),
+                name("x-result-rows"),
+                name("x-result-truncated"),
+                header::ETAG,
+            ])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }
 
 /// Runs around every request: limits, framing, request id, accounting, drain.

@@ -43,6 +43,8 @@ pub struct WorkerSettings {
     pub log_files: Vec<PathBuf>,
     /// Accounts, tokens and whether requests must carry one.
     pub auth: AuthSettings,
+    /// Origins a browser may call the API from (`cors_origins`): exact origins, or `*`.
+    pub cors_origins: Vec<String>,
 }
 
 /// Accounts and tokens (`environment`, `secret_key`, `users_file`, …), resolved by the supervisor.
