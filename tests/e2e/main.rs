@@ -8,6 +8,7 @@ mod framing;
 mod hostile;
 mod http;
 mod lifecycle;
+mod nginx;
 mod query;
 mod sandbox;
 mod support;
