@@ -457,3 +457,72 @@ fn production_error_bodies_name_no_directory_of_the_server() {
     assert!(body.contains("<data_dir>"), "{body}");
     assert!(!body.contains(&data_dir.display().to_string()), "{body}");
 }
+
+#[test]
+fn workers_drop_to_the_configured_user_while_the_master_keeps_its_own() {
+    let setup = Setup::new().with_sample_data();
+    if !nix::unistd::geteuid().is_root() {
+        // Without root there is nothing to drop to: the start is refused, naming the setting.
+        let (status, _, stderr) = setup.key("user", "\"nobody\"").run_to_exit();
+        assert_eq!(status.code(), Some(64), "{stderr}");
+        assert!(stderr.contains("user"), "{stderr}");
+        return;
+    }
+    // What an operator gives the workers' user: a readable data directory, a writable temp_dir.
+    use std::os::unix::fs::PermissionsExt;
+    let nobody = nix::unistd::User::from_name("nobody")
+        .expect("lookup")
+        .expect("a nobody user");
+    let open = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    };
+    open(setup.dir.path(), 0o755);
+    for entry in walkdir(&setup.path("data")) {
+        open(&entry, if entry.is_dir() { 0o755 } else { 0o644 });
+    }
+    std::os::unix::fs::chown(setup.path("tmp"), Some(nobody.uid.as_raw()), None).expect("chown");
+    let log = setup.path("access.log");
+    let server = setup
+        .key("user", "\"nobody\"")
+        .key("accesslog", &toml_str(&log))
+        .start();
+    let master = server.pid().as_raw();
+    assert_eq!(
+        crate::support::proc_status(master, "Uid")
+            .and_then(|u| u.split_whitespace().next().map(str::to_owned)),
+        Some("0".to_owned())
+    );
+    let workers = server.workers();
+    assert!(!workers.is_empty());
+    for pid in &workers {
+        let uids = crate::support::proc_status(*pid, "Uid").expect("status");
+        assert!(
+            uids.split_whitespace().all(|u| u == nobody.uid.to_string()),
+            "worker {pid}: real, effective, saved and fs uids are nobody's: {uids}"
+        );
+        let groups = crate::support::proc_status(*pid, "Groups").expect("status");
+        assert_eq!(groups, nobody.gid.to_string(), "supplementary groups");
+    }
+    // It still serves, snapshots and the result cache included (cache_dir is the user's).
+    let answered = query(&server, "SELECT count(*) AS n FROM orders", None);
+    assert_eq!(answered.status, 200, "{:?}", answered.json());
+    crate::support::poll_until("an access line", std::time::Duration::from_secs(10), || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|t| t.contains("/v1/query"))
+            .map(|_| ())
+    });
+}
+
+fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut all = vec![dir.to_owned()];
+    for entry in std::fs::read_dir(dir).expect("read_dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            all.extend(walkdir(&path));
+        } else {
+            all.push(path);
+        }
+    }
+    all
+}

@@ -306,6 +306,57 @@ pub struct Config {
     pub rate_limit_auth_per_minute: Option<u32>,
     pub forwarded_allow: ForwardedAllow,
     pub cors_origins: Vec<String>,
+    /// Who the workers become after the fork (`user`, `group`); `None`: the master's user.
+    pub run_as: Option<RunAs>,
+}
+
+/// A worker's user and group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunAs {
+    pub user: String,
+    pub uid: nix::unistd::Uid,
+    pub gid: nix::unistd::Gid,
+}
+
+/// `user` and `group` resolved: by name or number, the group defaulting to the user's primary.
+fn run_as(user: Option<&str>, group: Option<&str>) -> Result<Option<RunAs>, ConfigError> {
+    use nix::unistd::{Gid, Group, Uid, User};
+    let Some(user_text) = user.filter(|u| !u.is_empty()) else {
+        if group.is_some_and(|g| !g.is_empty()) {
+            return Err(invalid("group", "needs user as well"));
+        }
+        return Ok(None);
+    };
+    let found = match user_text.parse::<u32>() {
+        Ok(uid) => User::from_uid(Uid::from_raw(uid)),
+        Err(_) => User::from_name(user_text),
+    }
+    .map_err(|e| invalid("user", format!("cannot look {user_text:?} up: {e}")))?
+    .ok_or_else(|| invalid("user", format!("no user {user_text:?}")))?;
+    let gid = match group.filter(|g| !g.is_empty()) {
+        None => found.gid,
+        Some(text) => match text.parse::<u32>() {
+            Ok(gid) => Gid::from_raw(gid),
+            Err(_) => {
+                Group::from_name(text)
+                    .map_err(|e| invalid("group", format!("cannot look {text:?} up: {e}")))?
+                    .ok_or_else(|| invalid("group", format!("no group {text:?}")))?
+                    .gid
+            }
+        },
+    };
+    let me = nix::unistd::geteuid();
+    if !me.is_root() && (found.uid != me || gid != nix::unistd::getegid()) {
+        return Err(invalid(
+            "user",
+            format!("running workers as {user_text:?} needs the master to start as root"),
+        ));
+    }
+    Ok(Some(RunAs {
+        user: found.name,
+        uid: found.uid,
+        gid,
+    }))
 }
 
 /// The shortest `secret_key` production accepts.
@@ -561,6 +612,7 @@ impl Config {
                 ));
             }
         }
+        let run_as = run_as(raw.user.as_deref(), raw.group.as_deref())?;
         let token_ttl = Duration::from_secs(ranged!(raw.token_ttl, 1..=31_536_000)?);
         let per_minute = |n: u64| (n > 0).then_some(n as u32);
         let rate_limit_per_minute = per_minute(ranged!(raw.rate_limit_per_minute, 0..=60_000)?);
@@ -650,6 +702,7 @@ impl Config {
             rate_limit_auth_per_minute,
             forwarded_allow,
             cors_origins,
+            run_as,
         })
     }
 

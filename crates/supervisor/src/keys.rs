@@ -342,6 +342,15 @@ keys! {
     arg(long = "cors-origin", value_name = "ORIGIN", num_args = 1, action = clap::ArgAction::Append),
     env "BACKEND_CORS_ORIGINS",
     restart = false;
+    /// The user workers run as (a name or a uid): the master binds, as root if it must, then
+    /// each worker drops to this user before it opens DuckDB. Unset: the master's user.
+    user: String = None,
+    arg(short = 'u', long, value_name = "USER"),
+    restart = true;
+    /// The group workers run as (a name or a gid). Unset: the user's primary group.
+    group: String = None,
+    arg(short = 'g', long, value_name = "GROUP"),
+    restart = true;
     /// Per-dataset options, as tables [datasets.NAME] with storage, sort_key and warmup.
     datasets: BTreeMap<String, DatasetOptions> = None,
     arg(skip),

@@ -27,7 +27,7 @@ use nix::unistd::{ForkResult, Pid};
 use rand::Rng;
 
 use crate::cli::Cli;
-use crate::config::{Config, ProcessEnv, RawConfig};
+use crate::config::{Config, ProcessEnv, RawConfig, RunAs};
 use crate::listeners::Listeners;
 use crate::pidfile::PidFile;
 use crate::pool::{Action, Event, Notice, Phase, Pool, Timing};
@@ -112,6 +112,10 @@ impl Master {
             Scoreboard::map().map_err(|e| StartError::Os("mapping the scoreboard", e))?;
         let lock = PoolLock::acquire(&config.cache_dir).map_err(StartError::Locked)?;
         let listeners = Listeners::bind(&config, config.workers).map_err(StartError::Bind)?;
+        if let Some(run_as) = &config.run_as {
+            hand_over(&config, run_as)
+                .map_err(|e| StartError::Os("giving the workers' user its files", e))?;
+        }
         for address in listeners.addresses() {
             tracing::info!(%address, "listening");
         }
@@ -574,12 +578,80 @@ impl Master {
         self.listeners = Listeners::empty();
         let _ =
             nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+        if let Some(run_as) = &self.config.run_as
+            && let Err(e) = drop_privileges(run_as)
+        {
+            eprintln!("ferrocorn: a worker cannot become {}: {e}", run_as.user);
+            std::process::exit(EXIT_BOOT_FAILED);
+        }
         // If the master dies without telling us, drain and exit rather than serve unsupervised.
+        // (After the change of user, which clears the setting.)
         let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM);
         if nix::unistd::getppid() != master_pid {
             std::process::exit(0);
         }
     }
+}
+
+/// Become `run_as` for good: its group alone, then the group id, then the user id (the order in
+/// which each step is still permitted), and check that root cannot be regained.
+fn drop_privileges(run_as: &RunAs) -> nix::Result<()> {
+    use nix::unistd::{getuid, setgid, setgroups, setuid};
+    if getuid() == run_as.uid && nix::unistd::getgid() == run_as.gid {
+        return Ok(());
+    }
+    setgroups(&[run_as.gid])?;
+    setgid(run_as.gid)?;
+    setuid(run_as.uid)?;
+    if !run_as.uid.is_root() && setuid(nix::unistd::Uid::from_raw(0)).is_ok() {
+        return Err(nix::errno::Errno::EPERM);
+    }
+    Ok(())
+}
+
+/// Give the workers' user what it must write: the cache directory (recursively: snapshots and
+/// results from earlier runs) and the log files (created if missing), which workers reopen on
+/// SIGUSR1. The lock file stays the master's.
+fn hand_over(config: &Config, run_as: &RunAs) -> std::io::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let owner = |path: &std::path::Path| {
+        std::os::unix::fs::chown(path, Some(run_as.uid.as_raw()), Some(run_as.gid.as_raw()))
+    };
+    fn walk(
+        dir: &std::path::Path,
+        owner: &dyn Fn(&std::path::Path) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        owner(dir)?;
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                walk(&entry.path(), owner)?;
+            } else if !kind.is_symlink() && entry.file_name() != crate::pool_lock::LOCK_FILE {
+                owner(&entry.path())?;
+            }
+        }
+        Ok(())
+    }
+    walk(&config.cache_dir, &owner)?;
+    let logs = config
+        .errorlog
+        .iter()
+        .cloned()
+        .chain(config.accesslog.iter().filter_map(|target| match target {
+            AccessLogTarget::File(path) => Some(path.clone()),
+            AccessLogTarget::Stdout => None,
+        }));
+    for log in logs {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        owner(&log)?;
+    }
+    Ok(())
 }
 
 /// The pool's clock settings from `config`.
