@@ -333,6 +333,18 @@ fn a_token_limited_to_orders_cannot_read_customers_by_any_spelling() {
         assert_eq!(refused.status, 403, "{sql}: {:?}", refused.json());
         assert_eq!(code(&refused), "dataset_forbidden", "{sql}");
     }
+    // A typo's suggestion names only what the caller may read.
+    let typo = query(&server, "SELECT * FROM customer", Some(&alice));
+    assert_eq!(typo.status, 400);
+    let body = String::from_utf8_lossy(&typo.body).into_owned();
+    assert!(!body.contains("customers"), "{body}");
+    let root = token(&server, "root");
+    let typo = query(&server, "SELECT * FROM customer", Some(&root));
+    let body = String::from_utf8_lossy(&typo.body).into_owned();
+    assert!(
+        body.contains("customers"),
+        "the suggestion exists for others: {body}"
+    );
     let listed = get_with(
         server.addr(),
         "/v1/datasets",

@@ -8,13 +8,14 @@ use axum::extract::{FromRequest, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::{Form, Json};
 use ferrocorn_scoreboard::{LimitTable, Rate, monotonic_ms};
-use http::{HeaderValue, header};
+use http::{HeaderMap, HeaderValue, header};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::api::TokenErrors;
 use crate::auth::{IssuedToken, Principal, Scope};
 use crate::problem::ApiError;
+use crate::settings::ForwardedAllow;
 use crate::state::AppState;
 
 /// The peer's address, inserted into each request by the connection that carries it.
@@ -225,36 +226,122 @@ fn key_hash(key: &str) -> u64 {
 }
 
 /// The client's address: the socket's peer, or — when the peer is a trusted proxy
-/// (`forwarded_allow_ips`) — the last address of `X-Forwarded-For` that is not itself a trusted
-/// proxy (the one the nearest untrusted hop connected from). A unix socket's peer is a local
-/// process, a proxy: its header is taken unless no proxy is trusted at all. `None` when nothing
-/// names an address (a unix socket without the header).
+/// (`forwarded_allow_ips`) — the last hop that is not itself a trusted proxy (the one the nearest
+/// untrusted hop connected from), from `X-Forwarded-For`, or from `Forwarded` (RFC 7239) when
+/// there is no `X-Forwarded-For`. A unix socket's peer is a local process, a proxy: its header
+/// is taken unless no proxy is trusted at all. `None` when nothing names an address.
 pub fn client_address(state: &AppState, request: &Request) -> Option<IpAddr> {
-    let peer = request.extensions().get::<PeerAddr>().map(|p| p.0);
-    let allow = &state.settings.auth.forwarded_allow;
+    client_of(
+        request.extensions().get::<PeerAddr>().map(|p| p.0),
+        &state.settings.auth.forwarded_allow,
+        request.headers(),
+    )
+}
+
+fn client_of(peer: Option<IpAddr>, allow: &ForwardedAllow, headers: &HeaderMap) -> Option<IpAddr> {
     let trusted = match peer {
         Some(peer) => allow.trusts(peer),
-        None => *allow != crate::settings::ForwardedAllow::Nobody,
+        None => *allow != ForwardedAllow::Nobody,
     };
     if !trusted {
         return peer;
     }
-    let mut client = peer?;
-    for value in request.headers().get_all("x-forwarded-for").iter().rev() {
-        let Ok(text) = value.to_str() else {
-            return Some(client);
+    // Every hop, nearest first; `None` for one that does not parse (it ends the walk).
+    let hops: Vec<Option<IpAddr>> = if headers.contains_key("x-forwarded-for") {
+        headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+            .map(|hop| hop.trim().parse::<IpAddr>().ok())
+            .collect()
+    } else {
+        headers
+            .get_all(header::FORWARDED)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+            .map(forwarded_for)
+            .collect()
+    };
+    let mut client = peer;
+    for hop in hops.into_iter().rev() {
+        let Some(addr) = hop else {
+            return client;
         };
-        for hop in text.rsplit(',') {
-            match hop.trim().parse::<IpAddr>() {
-                Ok(addr) => {
-                    client = addr;
-                    if !allow.trusts(addr) {
-                        return Some(client);
-                    }
-                }
-                Err(_) => return Some(client),
-            }
+        client = Some(addr);
+        if !allow.trusts(addr) {
+            return client;
         }
     }
-    Some(client)
+    client
+}
+
+/// The address of one `Forwarded` element's `for=` (`for=192.0.2.60`,
+/// `for="[2001:db8::17]:4711"`); `None` for an obfuscated or missing one.
+fn forwarded_for(element: &str) -> Option<IpAddr> {
+    let value = element.split(';').find_map(|pair| {
+        let (name, value) = pair.trim().split_once('=')?;
+        name.trim()
+            .eq_ignore_ascii_case("for")
+            .then_some(value.trim())
+    })?;
+    let value = value.trim_matches('"');
+    if let Some(v6) = value.strip_prefix('[') {
+        return v6.split(']').next()?.parse().ok();
+    }
+    let host = match value.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => value,
+    };
+    host.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(*name, HeaderValue::from_static(value));
+        }
+        map
+    }
+
+    fn ip(text: &str) -> Option<IpAddr> {
+        text.parse().ok()
+    }
+
+    #[test]
+    fn the_client_is_the_last_untrusted_hop_and_only_trusted_peers_are_believed() {
+        let allow = ForwardedAllow::Addresses(vec!["127.0.0.1".parse().expect("ip")]);
+        let local = ip("127.0.0.1");
+        let far = ip("198.51.100.9");
+        // A forged first hop changes nothing: the proxy appended the real one.
+        let xff = headers(&[("x-forwarded-for", "6.6.6.6, 203.0.113.7")]);
+        assert_eq!(client_of(local, &allow, &xff), ip("203.0.113.7"));
+        // From an untrusted peer the header is ignored.
+        assert_eq!(client_of(far, &allow, &xff), far);
+        assert_eq!(client_of(far, &ForwardedAllow::Nobody, &xff), far);
+        // Trusted hops are walked past; a hop that does not parse ends the walk.
+        let chain = headers(&[("x-forwarded-for", "203.0.113.7, 127.0.0.1")]);
+        assert_eq!(client_of(local, &allow, &chain), ip("203.0.113.7"));
+        let junk = headers(&[("x-forwarded-for", "203.0.113.7, nonsense")]);
+        assert_eq!(client_of(local, &allow, &junk), local);
+        // RFC 7239, when there is no X-Forwarded-For.
+        let forwarded = headers(&[(
+            "forwarded",
+            "for=6.6.6.6, for=\"[2001:db8:cafe::17]:4711\";proto=https",
+        )]);
+        assert_eq!(
+            client_of(local, &allow, &forwarded),
+            ip("2001:db8:cafe::17")
+        );
+        let v4 = headers(&[("forwarded", "for=192.0.2.60:8080;by=203.0.113.43")]);
+        assert_eq!(client_of(local, &allow, &v4), ip("192.0.2.60"));
+        let hidden = headers(&[("forwarded", "for=_hidden")]);
+        assert_eq!(client_of(local, &allow, &hidden), local);
+        // A unix socket's peer is a proxy unless none is trusted.
+        assert_eq!(client_of(None, &allow, &xff), ip("203.0.113.7"));
+        assert_eq!(client_of(None, &ForwardedAllow::Nobody, &xff), None);
+    }
 }

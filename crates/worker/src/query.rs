@@ -16,7 +16,7 @@ use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
-use ferrocorn_query_core::{Analysis, Explain, Params, Summary};
+use ferrocorn_query_core::{Analysis, Explain, Params, QueryError, Refusal, Summary};
 use ferrocorn_scoreboard::PoolCounters;
 use http::{HeaderMap, StatusCode, header};
 
@@ -200,7 +200,16 @@ async fn run_query(
     // parse of it (through CTEs, subqueries, joins, any spelling), must be one of them. Before
     // the result cache, so that a cached answer is not a way around it.
     if let Some(principal) = principal.filter(|p| p.datasets.is_some()) {
-        let analysis = gate(&state, &body.sql).await?;
+        let analysis = gate(&state, &body.sql).await.map_err(|e| match e {
+            // A typo's "did you mean" must not name a dataset the caller may not read.
+            ApiError::Query(QueryError::Refused(Refusal::UnknownDataset { name, suggestion })) => {
+                ApiError::Query(QueryError::Refused(Refusal::UnknownDataset {
+                    name,
+                    suggestion: suggestion.filter(|s| principal.may_read(s)),
+                }))
+            }
+            other => other,
+        })?;
         let catalog = state.engine.catalog();
         if let Some(forbidden) = analysis
             .datasets(&catalog)
