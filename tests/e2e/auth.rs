@@ -75,10 +75,15 @@ pub fn production_pool_with(setup: Setup) -> (Server, String) {
         "",
     );
     assert_eq!(code, Some(0), "{stderr}");
+    // The key from the environment, unless the test put it in the file (to rotate it on HUP).
+    let setup = if setup.keys.contains_key("secret_key") {
+        setup
+    } else {
+        setup.env("SECRET_KEY", SECRET)
+    };
     let server = setup
         .key("users_file", &toml_str(&users))
         .env("ENVIRONMENT", "production")
-        .env("SECRET_KEY", SECRET)
         .start();
     (server, key.trim().to_owned())
 }
@@ -537,4 +542,52 @@ fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     all
+}
+
+#[test]
+fn a_new_secret_key_on_hup_invalidates_old_tokens_unless_kept_as_the_previous_key() {
+    let new_secret = SECRET.replace('a', "b");
+    let setup = Setup::new()
+        .key("secret_key", &format!("\"{SECRET}\""))
+        .key("rate_limit_auth_per_minute", "100")
+        .key("metrics_public", "true");
+    let (server, _) = production_pool_with(setup);
+    // metrics_public: a scraper needs no token; the API still does.
+    assert_eq!(get(server.addr(), "/metrics").expect("metrics").status, 200);
+    assert_eq!(
+        get(server.addr(), "/v1/datasets").expect("datasets").status,
+        401
+    );
+    let old = token(&server, "alice");
+    assert_eq!(query(&server, "SELECT 1", Some(&old)).status, 200);
+
+    let reload = |secret: &str, previous: Option<&str>, n: usize| {
+        let mut setup_keys = server.setup.keys.clone();
+        setup_keys.insert("secret_key".into(), format!("\"{secret}\""));
+        if let Some(previous) = previous {
+            setup_keys.insert("secret_key_previous".into(), format!("\"{previous}\""));
+        } else {
+            setup_keys.remove("secret_key_previous");
+        }
+        let text: String = setup_keys
+            .iter()
+            .map(|(k, v)| format!("{k} = {v}\n"))
+            .collect();
+        std::fs::write(server.setup.config_path(), text).expect("config");
+        server.signal(nix::sys::signal::Signal::SIGHUP);
+        server.wait_log(&["reload complete"], n, std::time::Duration::from_secs(90));
+    };
+    // Rotated with a grace period: the old token still works, new ones are signed anew.
+    reload(&new_secret, Some(SECRET), 1);
+    assert_eq!(query(&server, "SELECT 1", Some(&old)).status, 200);
+    let new = token(&server, "alice");
+    assert_eq!(query(&server, "SELECT 1", Some(&new)).status, 200);
+    // The grace period over: the old token is refused, the new one is not.
+    reload(&new_secret, None, 2);
+    let refused = query(&server, "SELECT 1", Some(&old));
+    assert_eq!(
+        (refused.status, code(&refused).as_str()),
+        (401, "invalid_token")
+    );
+    assert_eq!(query(&server, "SELECT 1", Some(&new)).status, 200);
 }

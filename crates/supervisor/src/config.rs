@@ -308,6 +308,7 @@ pub struct Config {
     pub cors_origins: Vec<String>,
     /// Who the workers become after the fork (`user`, `group`); `None`: the master's user.
     pub run_as: Option<RunAs>,
+    pub metrics_public: bool,
 }
 
 /// A worker's user and group.
@@ -703,6 +704,7 @@ impl Config {
             forwarded_allow,
             cors_origins,
             run_as,
+            metrics_public: require(&raw.metrics_public, "metrics_public")?,
         })
     }
 

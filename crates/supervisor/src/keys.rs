@@ -342,6 +342,11 @@ keys! {
     arg(long = "cors-origin", value_name = "ORIGIN", num_args = 1, action = clap::ArgAction::Append),
     env "BACKEND_CORS_ORIGINS",
     restart = false;
+    /// Whether /metrics answers without a credential in production (for a scraper on a trusted
+    /// network); otherwise it needs the metrics scope.
+    metrics_public: bool = Some(false),
+    arg(long, value_name = "BOOL"),
+    restart = false;
     /// The user workers run as (a name or a uid): the master binds, as root if it must, then
     /// each worker drops to this user before it opens DuckDB. Unset: the master's user.
     user: String = None,

@@ -477,6 +477,7 @@ impl Master {
                 per_user_per_minute: c.rate_limit_per_minute,
                 auth_per_address_per_minute: c.rate_limit_auth_per_minute,
                 forwarded_allow: c.forwarded_allow.clone(),
+                metrics_public: c.metrics_public,
             },
             cors_origins: c.cors_origins.clone(),
             log_files: c

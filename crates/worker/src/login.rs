@@ -156,6 +156,9 @@ pub fn check(
     let Some(scopes) = needed(path) else {
         return Ok(None);
     };
+    if path == "/metrics" && state.settings.auth.metrics_public {
+        return Ok(None);
+    }
     let api = path.starts_with("/v1/");
     let authorization = request
         .headers()

@@ -67,6 +67,8 @@ pub struct AuthSettings {
     pub auth_per_address_per_minute: Option<u32>,
     /// Peers whose `X-Forwarded-For` names the client (`forwarded_allow_ips`).
     pub forwarded_allow: ForwardedAllow,
+    /// `/metrics` needs no credential (`metrics_public`).
+    pub metrics_public: bool,
 }
 
 /// The peers trusted to say who the client is (Gunicorn's `forwarded_allow_ips`).
@@ -106,6 +108,7 @@ impl fmt::Debug for AuthSettings {
                 &self.auth_per_address_per_minute,
             )
             .field("forwarded_allow", &self.forwarded_allow)
+            .field("metrics_public", &self.metrics_public)
             .finish()
     }
 }
