@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
-use crate::support::{Response, Setup, get, poll_until};
+use crate::support::{Response, Setup, get, poll_until, read_body, read_head};
 
 /// How long any read of an answer may wait: a case that hangs fails instead of blocking.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -864,67 +864,16 @@ fn corpus() -> Vec<Case> {
 /// Read one final answer (skipping 100 Continue); `None` when the connection closes first.
 fn read_answer(reader: &mut impl BufRead, head: bool) -> io::Result<Option<Response>> {
     loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
+        let Some(mut response) = read_head(reader)? else {
             return Ok(None);
-        }
-        let status: u16 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| io::Error::other(format!("bad status line {line:?}")))?;
-        let headers = read_fields(reader)?;
-        if (100..200).contains(&status) {
+        };
+        if (100..200).contains(&response.status) {
             continue;
         }
-        let mut response = Response {
-            status,
-            headers,
-            body: Vec::new(),
-            trailers: Vec::new(),
-        };
-        if head {
-            return Ok(Some(response));
-        }
-        if let Some(len) = response.header("content-length") {
-            let len = len.parse().map_err(io::Error::other)?;
-            response.body.resize(len, 0);
-            reader.read_exact(&mut response.body)?;
-        } else if response
-            .header("transfer-encoding")
-            .is_some_and(|v| v.contains("chunked"))
-        {
-            loop {
-                let mut size = String::new();
-                reader.read_line(&mut size)?;
-                let size = usize::from_str_radix(size.trim(), 16).map_err(io::Error::other)?;
-                let mut chunk = vec![0; size + 2];
-                reader.read_exact(&mut chunk)?;
-                if size == 0 {
-                    break;
-                }
-                chunk.truncate(size);
-                response.body.extend_from_slice(&chunk);
-            }
+        if !head {
+            read_body(reader, &mut response, false)?;
         }
         return Ok(Some(response));
-    }
-}
-
-fn read_fields(reader: &mut impl BufRead) -> io::Result<Vec<(String, String)>> {
-    let mut fields = Vec::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        let line = line.trim_end();
-        if line.is_empty() {
-            return Ok(fields);
-        }
-        if let Some((name, value)) = line.split_once(':') {
-            fields.push((name.trim().to_owned(), value.trim().to_owned()));
-        }
     }
 }
 

@@ -398,12 +398,21 @@ fn read_fields(reader: &mut impl BufRead, what: &str) -> io::Result<Vec<(String,
 
 /// Read one response from `reader`.
 pub fn read_response(reader: &mut impl BufRead) -> io::Result<Response> {
-    let mut line = String::new();
-    if reader.read_line(&mut line)? == 0 {
-        return Err(io::Error::new(
+    let mut response = read_head(reader)?.ok_or_else(|| {
+        io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "connection closed before a response",
-        ));
+        )
+    })?;
+    read_body(reader, &mut response, true)?;
+    Ok(response)
+}
+
+/// Read a response's status line and header fields; `None` when the connection closes first.
+pub fn read_head(reader: &mut impl BufRead) -> io::Result<Option<Response>> {
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Ok(None);
     }
     let status = line
         .split_whitespace()
@@ -416,12 +425,21 @@ pub fn read_response(reader: &mut impl BufRead) -> io::Result<Response> {
             )
         })?;
     let headers = read_fields(reader, "headers")?;
-    let mut response = Response {
+    Ok(Some(Response {
         status,
         headers,
         body: Vec::new(),
         trailers: Vec::new(),
-    };
+    }))
+}
+
+/// Read the body `response`'s head announces (and a chunked body's trailers); without a length
+/// or chunking, up to the connection's end when `until_close`, else nothing.
+pub fn read_body(
+    reader: &mut impl BufRead,
+    response: &mut Response,
+    until_close: bool,
+) -> io::Result<()> {
     if let Some(len) = response.header("content-length") {
         let len: usize = len
             .parse()
@@ -432,6 +450,7 @@ pub fn read_response(reader: &mut impl BufRead) -> io::Result<Response> {
         .header("transfer-encoding")
         .is_some_and(|v| v.contains("chunked"))
     {
+        let mut line = String::new();
         loop {
             line.clear();
             reader.read_line(&mut line)?;
@@ -446,10 +465,10 @@ pub fn read_response(reader: &mut impl BufRead) -> io::Result<Response> {
             chunk.truncate(size);
             response.body.extend_from_slice(&chunk);
         }
-    } else if status != 204 && status != 304 {
+    } else if until_close && response.status != 204 && response.status != 304 {
         reader.read_to_end(&mut response.body)?;
     }
-    Ok(response)
+    Ok(())
 }
 
 /// A keep-alive HTTP/1.1 connection.

@@ -708,6 +708,18 @@ impl Config {
         })
     }
 
+    /// The log files the pool writes (error log, access log), when they are files.
+    pub fn log_files(&self) -> Vec<PathBuf> {
+        self.errorlog
+            .iter()
+            .cloned()
+            .chain(self.accesslog.iter().filter_map(|target| match target {
+                AccessLogTarget::File(path) => Some(path.clone()),
+                AccessLogTarget::Stdout => None,
+            }))
+            .collect()
+    }
+
     /// DuckDB's memory limit for one worker: the pool's budget divided among the workers.
     /// Queries one worker may queue: `query_queue_depth`, or by default one per connection the
     /// worker serves, and no more request bodies than its share of the memory budget holds.

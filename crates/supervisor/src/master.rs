@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use ferrocorn_query_core::{EngineSettings, StorageSettings};
 use ferrocorn_scoreboard::{MAX_RECORDS, RecordState, Scoreboard, monotonic_ms};
-use ferrocorn_worker::AccessLogTarget;
 use ferrocorn_worker::AuthSettings;
 use ferrocorn_worker::QuerySettings;
 use ferrocorn_worker::ResultCacheSettings;
@@ -480,15 +479,7 @@ impl Master {
                 metrics_public: c.metrics_public,
             },
             cors_origins: c.cors_origins.clone(),
-            log_files: c
-                .errorlog
-                .iter()
-                .cloned()
-                .chain(c.accesslog.iter().filter_map(|target| match target {
-                    AccessLogTarget::File(path) => Some(path.clone()),
-                    AccessLogTarget::Stdout => None,
-                }))
-                .collect(),
+            log_files: c.log_files(),
         }
     }
 
@@ -637,15 +628,7 @@ fn hand_over(config: &Config, run_as: &RunAs) -> std::io::Result<()> {
         Ok(())
     }
     walk(&config.cache_dir, &owner)?;
-    let logs = config
-        .errorlog
-        .iter()
-        .cloned()
-        .chain(config.accesslog.iter().filter_map(|target| match target {
-            AccessLogTarget::File(path) => Some(path.clone()),
-            AccessLogTarget::Stdout => None,
-        }));
-    for log in logs {
+    for log in config.log_files() {
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
