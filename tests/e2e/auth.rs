@@ -377,8 +377,10 @@ fn a_token_limited_to_orders_cannot_read_customers_by_any_spelling() {
 
 #[test]
 fn rate_limits_hold_for_the_whole_pool_and_survive_a_worker_s_replacement() {
+    let access_log = tempfile::NamedTempFile::new().expect("access log");
     let (server, _) = production_pool_with(
         Setup::new()
+            .key("accesslog", &toml_str(access_log.path()))
             .key("workers", "4")
             .key("rate_limit_per_minute", "60")
             .key("rate_limit_auth_per_minute", "5"),
@@ -415,6 +417,17 @@ fn rate_limits_hold_for_the_whole_pool_and_survive_a_worker_s_replacement() {
     )
     .expect("login");
     assert_eq!(proxied.status, 200);
+    // ... and the access log names it.
+    crate::support::poll_until(
+        "the proxied client in the access log",
+        std::time::Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(access_log.path())
+                .ok()
+                .filter(|log| log.lines().any(|l| l.starts_with("203.0.113.7 ")))
+                .map(|_| ())
+        },
+    );
 
     // Sixty API requests pass, spread over the workers; the sixty-first is refused.
     let auth = format!("Bearer {alice}");

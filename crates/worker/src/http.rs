@@ -186,7 +186,10 @@ impl Begun {
                 .request_ids
                 .assign(request.headers().get("x-request-id")),
             received: std::time::Instant::now(),
-            access: state.access_log.as_ref().map(|_| RequestFacts::of(request)),
+            access: state
+                .access_log
+                .as_ref()
+                .map(|_| RequestFacts::of(request, &state.settings.auth.forwarded_allow)),
         }
     }
 
@@ -273,7 +276,7 @@ struct RequestFacts {
 }
 
 impl RequestFacts {
-    fn of<B>(request: &http::Request<B>) -> Self {
+    fn of<B>(request: &http::Request<B>, allow: &crate::settings::ForwardedAllow) -> Self {
         let header_text = |name: header::HeaderName| {
             request
                 .headers()
@@ -282,7 +285,12 @@ impl RequestFacts {
                 .map(str::to_owned)
         };
         Self {
-            peer: request.extensions().get::<PeerAddr>().map(|p| p.0),
+            // The client, as the rate limits see it: a trusted proxy may name it.
+            peer: crate::login::client_of(
+                request.extensions().get::<PeerAddr>().map(|p| p.0),
+                allow,
+                request.headers(),
+            ),
             method: request.method().to_string(),
             target: request
                 .uri()

@@ -241,7 +241,12 @@ pub fn client_address(state: &AppState, request: &Request) -> Option<IpAddr> {
     )
 }
 
-fn client_of(peer: Option<IpAddr>, allow: &ForwardedAllow, headers: &HeaderMap) -> Option<IpAddr> {
+/// [`client_address`] from its parts: the socket's peer, the trusted proxies, the headers.
+pub fn client_of(
+    peer: Option<IpAddr>,
+    allow: &ForwardedAllow,
+    headers: &HeaderMap,
+) -> Option<IpAddr> {
     let trusted = match peer {
         Some(peer) => allow.trusts(peer),
         None => *allow != ForwardedAllow::Nobody,
