@@ -375,7 +375,7 @@ fn shared_listener_mode_serves_from_every_worker() {
 }
 
 #[test]
-fn systemd_is_told_ready_and_stopping() {
+fn systemd_is_told_ready_reloading_and_stopping_with_status_lines() {
     use std::os::unix::net::UnixDatagram;
     let setup = Setup::new();
     let socket_path = setup.path("notify.sock");
@@ -387,13 +387,34 @@ fn systemd_is_told_ready_and_stopping() {
         .env("NOTIFY_SOCKET", &socket_path.display().to_string())
         .spawn();
     let mut buf = [0u8; 256];
-    let n = socket.recv(&mut buf).expect("a notification");
-    assert_eq!(&buf[..n], b"READY=1\n");
+    let mut next = || {
+        let n = socket.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(next(), "READY=1\nSTATUS=2/2 workers ready, generation 1\n");
     server.wait_ready();
     assert!(server.log().contains("all workers ready"));
+    // A reload: RELOADING=1 with the moment it began, then READY=1 once the roll is done.
+    server.signal(Signal::SIGHUP);
+    let reloading = next();
+    let lines: Vec<&str> = reloading.lines().collect();
+    assert_eq!(lines.first(), Some(&"RELOADING=1"), "{reloading}");
+    assert!(
+        lines.iter().any(|l| l
+            .strip_prefix("MONOTONIC_USEC=")
+            .is_some_and(|v| v.parse::<u64>().is_ok_and(|n| n > 0))),
+        "{reloading}"
+    );
+    assert!(
+        lines.contains(&"STATUS=reloading: generation 2"),
+        "{reloading}"
+    );
+    assert_eq!(next(), "READY=1\nSTATUS=2/2 workers ready, generation 2\n");
     server.signal(Signal::SIGTERM);
-    let n = socket.recv(&mut buf).expect("a notification");
-    assert_eq!(&buf[..n], b"STOPPING=1\n");
+    assert_eq!(
+        next(),
+        "STOPPING=1\nSTATUS=stopping: draining the workers\n"
+    );
     assert_eq!(server.wait_exit(Duration::from_secs(35)).code(), Some(0));
 }
 

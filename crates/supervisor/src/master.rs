@@ -229,12 +229,33 @@ impl Master {
                 None
             }
             Action::Notify(notice) => {
-                let state = match notice {
-                    Notice::Ready => sd_notify::NotifyState::Ready,
-                    Notice::Reloading => sd_notify::NotifyState::Reloading,
-                    Notice::Stopping => sd_notify::NotifyState::Stopping,
+                use sd_notify::NotifyState;
+                let status = match notice {
+                    Notice::Ready => format!(
+                        "{}/{} workers ready, generation {}",
+                        self.pool.serving(),
+                        self.pool.desired(),
+                        self.pool.generation()
+                    ),
+                    Notice::Reloading => {
+                        format!("reloading: generation {}", self.pool.generation())
+                    }
+                    Notice::Stopping => "stopping: draining the workers".to_owned(),
                 };
-                let _ = sd_notify::notify(&[state]);
+                let mut states = vec![match notice {
+                    Notice::Ready => NotifyState::Ready,
+                    Notice::Reloading => NotifyState::Reloading,
+                    Notice::Stopping => NotifyState::Stopping,
+                }];
+                // systemd's notify-reload protocol takes RELOADING=1 only with the moment the
+                // reload began (Type=notify-reload); READY=1 after it ends the reload.
+                if notice == Notice::Reloading
+                    && let Ok(now) = NotifyState::monotonic_usec_now()
+                {
+                    states.push(now);
+                }
+                states.push(NotifyState::Status(&status));
+                let _ = sd_notify::notify(&states);
                 None
             }
             Action::Fatal { reason } => {

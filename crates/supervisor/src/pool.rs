@@ -263,6 +263,16 @@ impl Pool {
         self.phase
     }
 
+    /// The configuration generation the pool serves (1 at start, one more per accepted HUP).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Slots with a ready worker serving them.
+    pub fn serving(&self) -> usize {
+        self.slots.iter().filter(|s| s.serving.is_some()).count()
+    }
+
     /// The pool's size as it should be (workers split the memory budget by it).
     pub fn desired(&self) -> usize {
         self.desired
