@@ -192,3 +192,37 @@ fn a_second_pool_on_the_same_address_or_cache_is_refused_and_the_first_keeps_its
         "{answered:?} vs {first_workers:?}"
     );
 }
+
+#[test]
+fn healthcheck_is_0_while_the_pool_serves_and_1_once_it_is_gone() {
+    let addr = free_port();
+    let setup = Setup::new().key("bind", &format!("[\"{addr}\"]"));
+    let config = setup.config_path();
+    let mut server = setup.start();
+    let check = || {
+        std::process::Command::new(crate::support::BIN)
+            .args([
+                "--config",
+                &config.display().to_string(),
+                "healthcheck",
+                "--timeout",
+                "5",
+            ])
+            .output()
+            .expect("ferrocorn healthcheck")
+    };
+    let healthy = check();
+    assert_eq!(
+        healthy.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&healthy.stderr)
+    );
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(server.wait_exit(Duration::from_secs(35)).code(), Some(0));
+    let gone = check();
+    assert_eq!(gone.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&gone.stderr);
+    assert!(stderr.contains(&addr.to_string()), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}

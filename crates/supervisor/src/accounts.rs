@@ -11,35 +11,40 @@ use std::path::Path;
 
 use rand::Rng;
 
-use crate::cli::{Command, EntryArgs, KeyCommand, UserCommand};
+use crate::cli::EntryArgs;
 use crate::{EXIT_CANTCREAT, EXIT_USAGE};
 
-/// Run a subcommand; returns the process exit code.
-pub fn run(command: &Command) -> i32 {
-    let outcome = match command {
-        Command::User(UserCommand::Add(args)) => read_password().and_then(|password| {
-            let hash = ferrocorn_worker::hash_password(&password).map_err(usage)?;
-            add(args, "users", &format!("password_hash = {}", quoted(&hash)))?;
+/// `ferrocorn user add`; returns the process exit code.
+pub fn add_user(args: &EntryArgs) -> i32 {
+    exit_code(read_password().and_then(|password| {
+        let hash = ferrocorn_worker::hash_password(&password).map_err(usage)?;
+        add(args, "users", &format!("password_hash = {}", quoted(&hash)))?;
+        eprintln!(
+            "ferrocorn: user {} added to {}",
+            args.name,
+            args.users_file.display()
+        );
+        Ok(())
+    }))
+}
+
+/// `ferrocorn key add`; returns the process exit code.
+pub fn add_key(args: &EntryArgs) -> i32 {
+    let key = new_key();
+    let digest = ferrocorn_worker::key_digest(&key);
+    exit_code(
+        add(args, "api_keys", &format!("key_hash = {}", quoted(&digest))).map(|()| {
             eprintln!(
-                "ferrocorn: user {} added to {}",
+                "ferrocorn: API key {} added to {}; it is shown once:",
                 args.name,
                 args.users_file.display()
             );
-            Ok(())
+            println!("{key}");
         }),
-        Command::Key(KeyCommand::Add(args)) => {
-            let key = new_key();
-            let digest = ferrocorn_worker::key_digest(&key);
-            add(args, "api_keys", &format!("key_hash = {}", quoted(&digest))).map(|()| {
-                eprintln!(
-                    "ferrocorn: API key {} added to {}; it is shown once:",
-                    args.name,
-                    args.users_file.display()
-                );
-                println!("{key}");
-            })
-        }
-    };
+    )
+}
+
+fn exit_code(outcome: Result<(), Failure>) -> i32 {
     match outcome {
         Ok(()) => 0,
         Err((code, message)) => {

@@ -39,6 +39,13 @@ pub enum Command {
     /// API keys of the users file.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Ask the pool of this configuration for /healthz on its first address: exit 0 when it
+    /// answers 200 within the timeout, 1 otherwise (a container's HEALTHCHECK; no curl needed).
+    Healthcheck {
+        /// Seconds to wait for the answer.
+        #[arg(long, value_name = "SECONDS", default_value_t = 3)]
+        timeout: u64,
+    },
 }
 
 #[derive(Clone, Debug, clap::Subcommand)]

@@ -110,8 +110,10 @@ pub fn main() -> i32 {
             return if e.use_stderr() { EXIT_USAGE } else { 0 };
         }
     };
-    if let Some(command) = &cli.command {
-        return accounts::run(command);
+    match &cli.command {
+        Some(cli::Command::User(cli::UserCommand::Add(args))) => return accounts::add_user(args),
+        Some(cli::Command::Key(cli::KeyCommand::Add(args))) => return accounts::add_key(args),
+        Some(cli::Command::Healthcheck { .. }) | None => {}
     }
     let (raw, origins) = match cli.load(&ProcessEnv) {
         Ok(loaded) => loaded,
@@ -120,6 +122,9 @@ pub fn main() -> i32 {
             return EXIT_USAGE;
         }
     };
+    if let Some(cli::Command::Healthcheck { timeout }) = &cli.command {
+        return healthcheck(&raw, std::time::Duration::from_secs((*timeout).max(1)));
+    }
     if cli.print_config {
         print!("{}", config::render(&raw, &origins));
     }
@@ -150,3 +155,75 @@ pub fn main() -> i32 {
     };
     master.run()
 }
+
+/// `ferrocorn healthcheck`: `GET /healthz` on the configuration's first address (a wildcard
+/// address is asked on loopback); 0 when it answers 200 in time, 1 when not, 64 when the
+/// configuration names no usable address.
+fn healthcheck(raw: &config::RawConfig, timeout: std::time::Duration) -> i32 {
+    let Some(first) = raw.bind.as_ref().and_then(|b| b.first()) else {
+        eprintln!("ferrocorn: healthcheck: no bind address");
+        return EXIT_USAGE;
+    };
+    let addr = match config::BindAddr::parse(first) {
+        Ok(addr) => addr,
+        Err(e) => {
+            eprintln!("ferrocorn: healthcheck: bind {first:?}: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let request = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let answer = |stream: &mut dyn ReadWrite| -> std::io::Result<String> {
+        stream.write_all(request)?;
+        let mut head = [0u8; 16];
+        let mut read = 0;
+        while read < head.len() {
+            match stream.read(&mut head[read..])? {
+                0 => break,
+                n => read += n,
+            }
+        }
+        Ok(String::from_utf8_lossy(&head[..read]).into_owned())
+    };
+    let status = match &addr {
+        config::BindAddr::Tcp(socket) => {
+            let mut target = *socket;
+            if target.ip().is_unspecified() {
+                target.set_ip(if target.is_ipv4() {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                });
+            }
+            std::net::TcpStream::connect_timeout(&target, timeout).and_then(|mut s| {
+                s.set_read_timeout(Some(timeout))?;
+                s.set_write_timeout(Some(timeout))?;
+                answer(&mut s)
+            })
+        }
+        config::BindAddr::Unix(path) => {
+            std::os::unix::net::UnixStream::connect(path).and_then(|mut s| {
+                s.set_read_timeout(Some(timeout))?;
+                s.set_write_timeout(Some(timeout))?;
+                answer(&mut s)
+            })
+        }
+    };
+    match status {
+        Ok(head) if head.starts_with("HTTP/1.1 200") => 0,
+        Ok(head) => {
+            eprintln!(
+                "ferrocorn: healthcheck: {addr} answered {:?}",
+                head.lines().next().unwrap_or("")
+            );
+            1
+        }
+        Err(e) => {
+            eprintln!("ferrocorn: healthcheck: {addr}: {e}");
+            1
+        }
+    }
+}
+
+/// A stream the health check can talk on (TCP or unix).
+trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
