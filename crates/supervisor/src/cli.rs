@@ -39,8 +39,9 @@ pub enum Command {
     /// API keys of the users file.
     #[command(subcommand)]
     Key(KeyCommand),
-    /// Ask the pool of this configuration for /healthz on its first address: exit 0 when it
-    /// answers 200 within the timeout, 1 otherwise (a container's HEALTHCHECK; no curl needed).
+    /// Ask the pool of this configuration for /readyz on its first address: exit 0 when a
+    /// worker whose DuckDB answers says 200 within the timeout, 1 otherwise (a container's
+    /// HEALTHCHECK; no curl needed).
     Healthcheck {
         /// Seconds to wait for the answer.
         #[arg(long, value_name = "SECONDS", default_value_t = 3)]

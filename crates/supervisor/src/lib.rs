@@ -156,7 +156,8 @@ pub fn main() -> i32 {
     master.run()
 }
 
-/// `ferrocorn healthcheck`: `GET /healthz` on the configuration's first address (a wildcard
+/// `ferrocorn healthcheck`: `GET /readyz` (a worker whose DuckDB answers) on the
+/// configuration's first address (a wildcard
 /// address is asked on loopback); 0 when it answers 200 in time, 1 when not, 64 when the
 /// configuration names no usable address.
 fn healthcheck(raw: &config::RawConfig, timeout: std::time::Duration) -> i32 {
@@ -171,7 +172,7 @@ fn healthcheck(raw: &config::RawConfig, timeout: std::time::Duration) -> i32 {
             return EXIT_USAGE;
         }
     };
-    let request = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let request = b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
     let answer = |stream: &mut dyn ReadWrite| -> std::io::Result<String> {
         stream.write_all(request)?;
         let mut head = [0u8; 16];
