@@ -40,6 +40,9 @@ use subtle::ConstantTimeEq;
 
 use crate::settings::AuthSettings;
 
+/// Password checks (argon2, about 19 MiB and tens of milliseconds each) one worker runs at once.
+const LOGINS_AT_ONCE: usize = 2;
+
 /// Longest `Authorization` value looked at; a longer one is refused unread.
 const MAX_CREDENTIAL_BYTES: usize = 8 << 10;
 
@@ -337,6 +340,9 @@ pub struct Auth {
     token_ttl: Duration,
     /// Verified against for an unknown user, so that it costs what a wrong password costs.
     decoy_hash: String,
+    /// Password checks one worker runs at once: a flood of logins waits here instead of taking
+    /// every thread of the blocking pool, which the queries share.
+    logins: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -382,7 +388,13 @@ impl Auth {
             verifying: current.flatten().into_iter().chain(previous).collect(),
             token_ttl: settings.token_ttl,
             decoy_hash: hash_password("ferrocorn decoy password").unwrap_or_default(),
+            logins: std::sync::Arc::new(tokio::sync::Semaphore::new(LOGINS_AT_ONCE)),
         }
+    }
+
+    /// A turn to check a password (see [`LOGINS_AT_ONCE`]).
+    pub async fn login_turn(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.logins.clone().acquire_owned().await.ok()
     }
 
     /// Whether every endpoint but the probes needs a credential.
@@ -678,6 +690,24 @@ mod tests {
             grace.authenticate(Some(&bearer(&token))).map(|p| p.subject),
             Ok("alice".to_owned())
         );
+    }
+
+    #[test]
+    fn password_checks_take_turns() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let auth = auth(dir.path(), SECRET, None, Duration::from_secs(60));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let turns: Vec<_> = (0..LOGINS_AT_ONCE)
+            .map(|_| runtime.block_on(auth.login_turn()).expect("a turn"))
+            .collect();
+        assert!(
+            auth.logins.clone().try_acquire_owned().is_err(),
+            "all turns taken"
+        );
+        drop(turns);
+        assert!(auth.logins.clone().try_acquire_owned().is_ok());
     }
 
     #[test]

@@ -98,8 +98,11 @@ async fn token(state: Arc<AppState>, request: Request) -> Result<IssuedToken, Ap
             "grant_type must be \"password\"".into(),
         ));
     }
-    // The password hash's work is tens of milliseconds of CPU: not on the event loop.
+    // The password hash's work is tens of milliseconds of CPU: not on the event loop, and
+    // only a few at once.
+    let turn = state.auth.login_turn().await;
     let outcome = tokio::task::spawn_blocking(move || {
+        let _turn = turn;
         state
             .auth
             .login(&credentials.username, &credentials.password)
