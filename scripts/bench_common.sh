@@ -35,12 +35,22 @@ bench_cleanup() {
 
 # start NAME EXTRA_TOML: a pool with the documented defaults, the sort keys and EXTRA_TOML, run
 # by $bin (or $start_bin when set) with its cache in $data.cache (or $start_cache when set).
+# Pools never share a cache directory (a second one is refused): a pool started while another
+# of this run holds $data.cache gets a copy of its snapshots in $work instead.
 start() {
   local name="$1" extra="$2"
+  local cache="${start_cache:-$data.cache}"
+  if [ -z "${start_cache:-}" ] && [ -n "${bench_cache_taken:-}" ]; then
+    cache="$work/$name.cache"
+    mkdir -p "$cache"
+    cp -r "$data.cache/snapshots" "$cache/" 2>/dev/null || true
+    rm -f "$cache/snapshots/build.lock"
+  fi
+  [ -z "${start_cache:-}" ] && bench_cache_taken=1
   cat >"$work/$name.toml" <<CONFIG
 bind = ["127.0.0.1:0"]
 data_dir = "$data"
-cache_dir = "${start_cache:-$data.cache}"
+cache_dir = "$cache"
 temp_dir = "$work"
 $extra
 
@@ -55,6 +65,7 @@ CONFIG
   pids+=("$master")
   for _ in $(seq 1 1200); do
     grep -q "all workers ready" "$work/$name.log" && break
+    kill -0 "$master" 2>/dev/null || { echo "pool $name exited:" >&2; cat "$work/$name.log" >&2; exit 1; }
     sleep 0.05
   done
   local port
