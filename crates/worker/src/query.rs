@@ -199,26 +199,10 @@ async fn run_query(
     // A credential limited to some datasets: every dataset the statement reads, by DuckDB's
     // parse of it (through CTEs, subqueries, joins, any spelling), must be one of them. Before
     // the result cache, so that a cached answer is not a way around it.
-    if let Some(principal) = principal.filter(|p| p.datasets.is_some()) {
-        let analysis = gate(&state, &body.sql).await.map_err(|e| match e {
-            // A typo's "did you mean" must not name a dataset the caller may not read.
-            ApiError::Query(QueryError::Refused(Refusal::UnknownDataset { name, suggestion })) => {
-                ApiError::Query(QueryError::Refused(Refusal::UnknownDataset {
-                    name,
-                    suggestion: suggestion.filter(|s| principal.may_read(s)),
-                }))
-            }
-            other => other,
-        })?;
-        let catalog = state.engine.catalog();
-        if let Some(forbidden) = analysis
-            .datasets(&catalog)
-            .into_iter()
-            .find(|d| !principal.may_read(&d.dataset.name))
-        {
-            return Err(ApiError::DatasetForbidden(forbidden.dataset.name.clone()));
-        }
-    }
+    let checked = match principal.filter(|p| p.datasets.is_some()) {
+        Some(principal) => Some(readable_only(&state, principal, &body.sql).await?),
+        None => None,
+    };
     // A request shape whose result key this worker remembers for the current catalogue passed
     // the gate with it; any other statement passes the gate first, so that a refused one takes
     // no query slot and costs DuckDB one parse.
@@ -228,7 +212,10 @@ async fn run_query(
     let key = match shape.as_ref().and_then(|s| s.remembered(&state.keys)) {
         Some(known) => Some(known),
         None => {
-            let analysis = gate(&state, &body.sql).await?;
+            let analysis = match checked {
+                Some(analysis) => analysis,
+                None => gate(&state, &body.sql).await?,
+            };
             shape.and_then(|s| s.key(&state.keys, state.engine.duckdb_version(), &analysis))
         }
     };
@@ -322,6 +309,35 @@ async fn run_query(
     )
     .await?;
     Ok((StatusCode::OK, response_headers, body).into_response())
+}
+
+/// The gate's verdict on `sql` for a credential limited to some datasets: every dataset the
+/// statement reads, by DuckDB's parse of it (through CTEs, subqueries, joins, any spelling),
+/// must be one of them. Checked before the result cache, so that a cached answer is not a way
+/// around it; a typo's "did you mean" names only a dataset the caller may read.
+async fn readable_only(
+    state: &AppState,
+    principal: &Principal,
+    sql: &str,
+) -> Result<Arc<Analysis>, ApiError> {
+    let analysis = gate(state, sql).await.map_err(|e| match e {
+        ApiError::Query(QueryError::Refused(Refusal::UnknownDataset { name, suggestion })) => {
+            ApiError::Query(QueryError::Refused(Refusal::UnknownDataset {
+                name,
+                suggestion: suggestion.filter(|s| principal.may_read(s)),
+            }))
+        }
+        other => other,
+    })?;
+    let catalog = state.engine.catalog();
+    if let Some(forbidden) = analysis
+        .datasets(&catalog)
+        .into_iter()
+        .find(|d| !principal.may_read(&d.dataset.name))
+    {
+        return Err(ApiError::DatasetForbidden(forbidden.dataset.name.clone()));
+    }
+    Ok(analysis)
 }
 
 /// The gate's verdict on `sql` ([`ferrocorn_query_core::gate`]) against the current catalogue:
