@@ -40,6 +40,11 @@ use subtle::ConstantTimeEq;
 
 use crate::settings::AuthSettings;
 
+/// Verified against for an unknown user, so that it costs what a wrong password costs: an
+/// argon2id hash with the parameters [`hash_password`] uses (a test keeps them equal), of a
+/// password nobody knows. A constant, so no worker spends a hash's work on it at boot.
+const DECOY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$vKGjISbTjqJ40IV8PH5MNA$6b/5VNxp9RQb0GC4hqoNuIPuy1xKTRuIx+Se0duy9Ko";
+
 /// Password checks (argon2, about 19 MiB and tens of milliseconds each) one worker runs at once.
 const LOGINS_AT_ONCE: usize = 2;
 
@@ -338,8 +343,6 @@ pub struct Auth {
     signing: Option<EncodingKey>,
     verifying: Vec<DecodingKey>,
     token_ttl: Duration,
-    /// Verified against for an unknown user, so that it costs what a wrong password costs.
-    decoy_hash: String,
     /// Password checks one worker runs at once: a flood of logins waits here instead of taking
     /// every thread of the blocking pool, which the queries share.
     logins: std::sync::Arc<tokio::sync::Semaphore>,
@@ -387,7 +390,7 @@ impl Auth {
             signing: signing.flatten(),
             verifying: current.flatten().into_iter().chain(previous).collect(),
             token_ttl: settings.token_ttl,
-            decoy_hash: hash_password("ferrocorn decoy password").unwrap_or_default(),
+
             logins: std::sync::Arc::new(tokio::sync::Semaphore::new(LOGINS_AT_ONCE)),
         }
     }
@@ -407,7 +410,7 @@ impl Auth {
     pub fn login(&self, username: &str, password: &str) -> Result<IssuedToken, AuthError> {
         let signing = self.signing.as_ref().ok_or(AuthError::NoSecret)?;
         let user = self.accounts.users.get(username);
-        let hash = user.map_or(self.decoy_hash.as_str(), |u| u.password_hash.as_str());
+        let hash = user.map_or(DECOY_HASH, |u| u.password_hash.as_str());
         let verified = PasswordHash::new(hash).is_ok_and(|parsed| {
             Argon2::default()
                 .verify_password(password.as_bytes(), &parsed)
@@ -690,6 +693,14 @@ mod tests {
             grace.authenticate(Some(&bearer(&token))).map(|p| p.subject),
             Ok("alice".to_owned())
         );
+    }
+
+    #[test]
+    fn the_decoy_costs_what_a_real_hash_costs() {
+        let real = hash_password("anything").expect("hash");
+        let params = |phc: &str| phc.split('$').nth(3).map(str::to_owned);
+        assert_eq!(params(DECOY_HASH), params(&real));
+        assert!(PasswordHash::new(DECOY_HASH).is_ok());
     }
 
     #[test]
