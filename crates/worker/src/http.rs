@@ -138,9 +138,8 @@ async fn front_line(State(state): State<Arc<AppState>>, request: Request, next: 
                     Ok(limits) => {
                         let _in_flight = state.count(&request);
                         let mut response = next.run(request).await;
-                        if let Some([limit, policy]) = limits {
-                            response.headers_mut().insert("ratelimit", limit);
-                            response.headers_mut().insert("ratelimit-policy", policy);
+                        if let Some(limits) = limits {
+                            crate::problem::insert_rate_limit(response.headers_mut(), limits);
                         }
                         response
                     }

@@ -168,18 +168,9 @@ impl ApiError {
     /// Seconds a client should wait before retrying, for errors that are about load.
     pub fn retry_after(&self) -> Option<u32> {
         match self {
-            // Whole seconds, rounded up, at least one.
-            Self::Overloaded { retry_after } => Some(
-                u32::try_from(retry_after.as_millis().div_ceil(1000))
-                    .unwrap_or(u32::MAX)
-                    .max(1),
-            ),
+            Self::Overloaded { retry_after } => Some(whole_seconds(*retry_after)),
             Self::Query(QueryError::OutOfMemory(_)) => Some(1),
-            Self::RateLimited { retry_after, .. } => Some(
-                u32::try_from(retry_after.as_millis().div_ceil(1000))
-                    .unwrap_or(u32::MAX)
-                    .max(1),
-            ),
+            Self::RateLimited { retry_after, .. } => Some(whole_seconds(*retry_after)),
             _ => None,
         }
     }
@@ -207,6 +198,19 @@ fn redacted(detail: String) -> String {
             text.replace(dir.as_str(), placeholder)
         }),
     }
+}
+
+/// Whole seconds, rounded up, at least one (`Retry-After`).
+fn whole_seconds(wait: std::time::Duration) -> u32 {
+    u32::try_from(wait.as_millis().div_ceil(1000))
+        .unwrap_or(u32::MAX)
+        .max(1)
+}
+
+/// Put a rate limit's `RateLimit` and `RateLimit-Policy` values on a response.
+pub fn insert_rate_limit(headers: &mut http::HeaderMap, [limit, policy]: [HeaderValue; 2]) {
+    headers.insert("ratelimit", limit);
+    headers.insert("ratelimit-policy", policy);
 }
 
 /// An error (RFC 9457 problem document).
@@ -267,14 +271,8 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
-        if let Self::RateLimited {
-            headers: [limit, policy],
-            ..
-        } = &self
-        {
-            let headers = response.headers_mut();
-            headers.insert("ratelimit", limit.clone());
-            headers.insert("ratelimit-policy", policy.clone());
+        if let Self::RateLimited { headers, .. } = &self {
+            insert_rate_limit(response.headers_mut(), headers.clone());
         }
         if let Some(challenge) = self.challenge().and_then(|c| HeaderValue::try_from(c).ok()) {
             response
