@@ -382,6 +382,7 @@ fn rate_limits_hold_for_the_whole_pool_and_survive_a_worker_s_replacement() {
         Setup::new()
             .key("accesslog", &toml_str(access_log.path()))
             .key("workers", "4")
+            .key("metrics_public", "true")
             .key("rate_limit_per_minute", "60")
             .key("rate_limit_auth_per_minute", "5"),
     );
@@ -431,16 +432,22 @@ fn rate_limits_hold_for_the_whole_pool_and_survive_a_worker_s_replacement() {
 
     // Sixty API requests pass, spread over the workers; the sixty-first is refused.
     let auth = format!("Bearer {alice}");
-    let mut pids = std::collections::BTreeSet::new();
+    let before = crate::support::scrape(addr).per_worker("ferrocorn_worker_requests");
     for i in 0..60 {
         let response = get_with(addr, "/v1/datasets", &[("Authorization", &auth)]).expect("get");
         assert_eq!(response.status, 200, "request {}", i + 1);
-        let id = response.header("x-request-id").expect("id").to_owned();
-        pids.insert(id.split('-').next().unwrap_or_default().to_owned());
     }
+    // Each scrape is one request of some worker: a worker that started two or more in between
+    // served at least one of the sixty.
+    let after = crate::support::scrape(addr).per_worker("ferrocorn_worker_requests");
+    let served: Vec<i32> = after
+        .iter()
+        .filter(|(pid, n)| **n - before.get(*pid).copied().unwrap_or(0.0) >= 2.0)
+        .map(|(pid, _)| *pid)
+        .collect();
     assert!(
-        pids.len() >= 2,
-        "the requests went to one worker only: {pids:?}"
+        served.len() >= 2,
+        "the requests went to one worker only: {before:?} → {after:?}"
     );
     let refused = get_with(addr, "/v1/datasets", &[("Authorization", &auth)]).expect("get");
     assert_eq!(

@@ -182,9 +182,7 @@ fn a_second_pool_on_the_same_address_or_cache_is_refused_and_the_first_keeps_its
         .map(|_| {
             let response = get(addr, "/healthz").expect("healthz");
             assert_eq!(response.status, 200);
-            let id = response.header("x-request-id").expect("request id");
-            let pid = id.split('-').next().expect("pid part");
-            i32::from_str_radix(pid, 16).expect("hex pid")
+            response.json()["pid"].as_i64().expect("pid") as i32
         })
         .collect();
     assert!(

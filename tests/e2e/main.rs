@@ -9,6 +9,7 @@ mod hostile;
 mod http;
 mod lifecycle;
 mod nginx;
+mod ops;
 mod query;
 mod sandbox;
 mod support;

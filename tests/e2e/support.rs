@@ -699,3 +699,49 @@ fn client_loop(addr: SocketAddr, stop: &AtomicBool, path: &str) -> LoadStats {
     }
     stats
 }
+
+/// `/metrics`, read by a Prometheus text-format parser.
+pub fn scrape(addr: SocketAddr) -> Metrics {
+    let response = get(addr, "/metrics").expect("GET /metrics");
+    let text = String::from_utf8_lossy(&response.body).into_owned();
+    assert_eq!(response.status, 200, "{text}");
+    let lines = text.lines().map(|l| Ok(l.to_owned())).collect::<Vec<_>>();
+    Metrics(prometheus_parse::Scrape::parse(lines.into_iter()).expect("Prometheus text format"))
+}
+
+/// A parsed scrape.
+#[derive(Debug)]
+pub struct Metrics(pub prometheus_parse::Scrape);
+
+impl Metrics {
+    /// The value of every sample of `name` whose labels include `labels`, with its labels.
+    pub fn samples<'a>(
+        &'a self,
+        name: &'a str,
+        labels: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = (&'a prometheus_parse::Labels, f64)> + 'a {
+        self.0.samples.iter().filter_map(move |s| {
+            let wanted =
+                s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v));
+            let value = match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => Some(v),
+                _ => None,
+            };
+            wanted.then_some(()).and(value).map(|v| (&s.labels, v))
+        })
+    }
+
+    /// The sum of the samples of `name` with `labels`.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples(name, labels).map(|(_, v)| v).sum()
+    }
+
+    /// Each worker's value of the per-worker metric `name`, by pid.
+    pub fn per_worker(&self, name: &str) -> BTreeMap<i32, f64> {
+        self.samples(name, &[])
+            .filter_map(|(labels, v)| Some((labels.get("pid")?.parse().ok()?, v)))
+            .collect()
+    }
+}

@@ -275,6 +275,12 @@ impl Engine {
         self.serving.ping()
     }
 
+    /// Bytes DuckDB holds in its buffer manager now (the `memory_limit` it is held to). Blocks
+    /// briefly: call it off the event loop.
+    pub fn memory_in_use(&self) -> Result<u64, Error> {
+        self.serving.memory_in_use()
+    }
+
     /// The gate's analysis of `sql`, if it is remembered (no DuckDB call).
     pub fn cached_analysis(&self, sql: &str) -> Option<Arc<Analysis>> {
         self.runner.cached_analysis(sql)

@@ -455,6 +455,19 @@ impl Serving {
         debug_assert_eq!(one, 1);
         Ok(())
     }
+
+    /// Bytes DuckDB's buffer manager holds now (`duckdb_memory()`, all tags).
+    pub fn memory_in_use(&self) -> Result<u64, Error> {
+        let conn = lock(&self.conn);
+        let bytes: i64 = conn
+            .query_row(
+                "SELECT coalesce(sum(memory_usage_bytes), 0)::BIGINT FROM duckdb_memory()",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(Error::Query)?;
+        Ok(u64::try_from(bytes).unwrap_or(0))
+    }
 }
 
 /// The search path of `attached`: each snapshot's catalogue (in the order of their datasets'

@@ -17,17 +17,20 @@
 //!
 //! - `shared`: the [`Shared`] property and the macro that declares shared structs.
 //! - `record`: [`WorkerRecord`] and the monotonic clock its heartbeats use.
-//! - `counters`: [`PoolCounters`].
+//! - `counters`: [`PoolCounters`] and the [`ExitCause`]s they count.
+//! - `histogram`: latency [`Histogram`]s and the [`RequestTable`] by route, method and status.
 //! - `limits`: the pool's rate-limit tables ([`LimitTable`], a GCRA per key).
 //! - `region`: [`Scoreboard`], the whole region, and its mapping.
 
 mod counters;
+mod histogram;
 mod limits;
 mod record;
 mod region;
 mod shared;
 
-pub use counters::PoolCounters;
+pub use counters::{ExitCause, PoolCounters};
+pub use histogram::{BUCKETS_SECONDS, Histogram, METHODS, ROUTES, RequestTable, STATUSES};
 pub use limits::{LIMIT_SLOTS, LimitTable, Rate, Verdict};
 pub use record::{AtomicText, RecordState, WorkerRecord, monotonic_ms};
 pub use region::{MAX_RECORDS, MAX_WORKERS, Scoreboard};

@@ -111,13 +111,34 @@ shared_struct! {
         heartbeat_ms: AtomicU64,
         requests: AtomicU64,
         current_request: AtomicText<16>,
+        /// When the request in `current_request` started (monotonic milliseconds).
+        current_since_ms: AtomicU64,
         message: AtomicText<32>,
+        /// Set by the master at the fork: the slot, the configuration generation, the moment.
+        slot: AtomicU32,
+        generation: AtomicU64,
+        started_ms: AtomicU64,
+        /// Sampled by the master from `/proc`: resident memory and CPU time.
+        rss_bytes: AtomicU64,
+        cpu_ms: AtomicU64,
+        /// Published by the worker: open connections, DuckDB's memory in use.
+        connections: AtomicU32,
+        duckdb_bytes: AtomicU64,
     }
 }
 
 impl WorkerRecord {
-    /// Prepare the record for a freshly forked worker (called by the master before the fork).
-    pub fn reset(&self, now_ms: u64) {
+    /// Prepare the record for a freshly forked worker of `slot` and `generation` (called by the
+    /// master before the fork).
+    pub fn reset(&self, now_ms: u64, slot: usize, generation: u64) {
+        self.slot.store(slot as u32, Ordering::Relaxed);
+        self.generation.store(generation, Ordering::Relaxed);
+        self.started_ms.store(now_ms, Ordering::Relaxed);
+        self.rss_bytes.store(0, Ordering::Relaxed);
+        self.cpu_ms.store(0, Ordering::Relaxed);
+        self.connections.store(0, Ordering::Relaxed);
+        self.duckdb_bytes.store(0, Ordering::Relaxed);
+        self.current_since_ms.store(0, Ordering::Relaxed);
         self.pid.store(0, Ordering::Relaxed);
         self.retire_requested.store(0, Ordering::Relaxed);
         self.in_flight.store(0, Ordering::Relaxed);
@@ -167,6 +188,8 @@ impl WorkerRecord {
     /// now started.
     pub fn request_started(&self, method: &str, target: &str) -> u64 {
         self.current_request.store_parts(&[method, " ", target]);
+        self.current_since_ms
+            .store(monotonic_ms(), Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -200,6 +223,59 @@ impl WorkerRecord {
     /// The request line the worker started last.
     pub fn current_request(&self) -> String {
         self.current_request.load()
+    }
+
+    /// When the request [`Self::current_request`] names started (monotonic milliseconds).
+    pub fn current_since_ms(&self) -> u64 {
+        self.current_since_ms.load(Ordering::Relaxed)
+    }
+
+    pub fn slot(&self) -> usize {
+        self.slot.load(Ordering::Relaxed) as usize
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// When the master forked the worker (monotonic milliseconds).
+    pub fn started_ms(&self) -> u64 {
+        self.started_ms.load(Ordering::Relaxed)
+    }
+
+    /// The master's last sample of the worker's resident memory and CPU time.
+    pub fn set_usage(&self, rss_bytes: u64, cpu_ms: u64) {
+        self.rss_bytes.store(rss_bytes, Ordering::Relaxed);
+        self.cpu_ms.store(cpu_ms, Ordering::Relaxed);
+    }
+
+    pub fn rss_bytes(&self) -> u64 {
+        self.rss_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn cpu_ms(&self) -> u64 {
+        self.cpu_ms.load(Ordering::Relaxed)
+    }
+
+    pub fn connection_opened(&self) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn connection_closed(&self) {
+        self.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn connections(&self) -> u32 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// The worker's DuckDB memory in use, as it last measured it.
+    pub fn set_duckdb_bytes(&self, bytes: u64) {
+        self.duckdb_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    pub fn duckdb_bytes(&self) -> u64 {
+        self.duckdb_bytes.load(Ordering::Relaxed)
     }
 
     /// Ask the master for a successor (the request budget is spent). Returns true the first time.
@@ -267,12 +343,21 @@ mod tests {
                 len: AtomicU32::new(0),
                 words: Default::default(),
             },
+            current_since_ms: AtomicU64::new(0),
             message: AtomicText {
                 len: AtomicU32::new(0),
                 words: Default::default(),
             },
+            slot: AtomicU32::new(0),
+            generation: AtomicU64::new(0),
+            started_ms: AtomicU64::new(0),
+            rss_bytes: AtomicU64::new(0),
+            cpu_ms: AtomicU64::new(0),
+            connections: AtomicU32::new(0),
+            duckdb_bytes: AtomicU64::new(0),
         };
-        record.reset(5);
+        record.reset(5, 3, 2);
+        assert_eq!((record.slot(), record.generation()), (3, 2));
         assert_eq!(record.state(), RecordState::Booting);
         assert!(record.request_retirement());
         assert!(!record.request_retirement());

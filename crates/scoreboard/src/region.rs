@@ -5,7 +5,10 @@ use std::num::NonZeroUsize;
 
 use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous};
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use crate::counters::PoolCounters;
+use crate::histogram::{Histogram, RequestTable};
 use crate::limits::LimitTable;
 use crate::record::WorkerRecord;
 use crate::shared::{Shared, shared_struct};
@@ -23,6 +26,14 @@ shared_struct! {
     pub struct Scoreboard {
         records: [WorkerRecord; MAX_RECORDS],
         pool: PoolCounters,
+        /// Responses by route, method and status, with durations.
+        requests: RequestTable,
+        /// Query time waiting for a slot, in DuckDB, and encoding.
+        query_queue: Histogram,
+        query_execution: Histogram,
+        query_encoding: Histogram,
+        /// Connections waiting in each slot's accept queue, as the master last sampled them.
+        accept_queue: [AtomicU32; MAX_WORKERS],
         /// Per user (or API key): `rate_limit_per_minute`.
         user_limits: LimitTable,
         /// Per client address: `rate_limit_auth_per_minute` on the login.
@@ -39,6 +50,32 @@ impl Scoreboard {
 
     pub fn pool(&self) -> &PoolCounters {
         &self.pool
+    }
+
+    pub fn requests(&self) -> &RequestTable {
+        &self.requests
+    }
+
+    /// The query histograms: waiting for a slot, executing, encoding.
+    pub fn query_histograms(&self) -> [&Histogram; 3] {
+        [
+            &self.query_queue,
+            &self.query_execution,
+            &self.query_encoding,
+        ]
+    }
+
+    /// Record the accept-queue length of `slot` (master).
+    pub fn set_accept_queue(&self, slot: usize, queued: u32) {
+        if let Some(cell) = self.accept_queue.get(slot) {
+            cell.store(queued, Ordering::Relaxed);
+        }
+    }
+
+    pub fn accept_queue(&self, slot: usize) -> u32 {
+        self.accept_queue
+            .get(slot)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
     /// The per-user rate limits of the whole pool.

@@ -275,6 +275,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub temp_dir: PathBuf,
     pub duckdb_memory_limit_bytes: u64,
+    /// CPUs the pool has: the control group's quota rounded up, else the machine's cores.
+    pub cpus: u32,
     pub duckdb_threads: Option<u32>,
     pub max_result_rows: u64,
     pub max_body_bytes: usize,
@@ -286,6 +288,8 @@ pub struct Config {
     pub query_queue_timeout: Option<Duration>,
     pub share_query_slots: bool,
     pub duckdb_max_temp_bytes: Option<u64>,
+    /// The memory guard's ceiling for one worker's RSS, given the pool's size (`None`: off).
+    pub max_worker_memory: WorkerMemory,
     pub cache_dir: PathBuf,
     pub storage: StorageMode,
     pub datasets: BTreeMap<String, DatasetOptions>,
@@ -484,6 +488,19 @@ impl Config {
                 in_range("query_queue_timeout_ms", ms, 0..=600_000).map(Duration::from_millis)
             })
             .transpose()?;
+        let max_worker_memory = match require(&raw.max_worker_memory, "max_worker_memory")?.trim() {
+            "auto" => WorkerMemory::Auto,
+            text => match parse_size(text).map_err(|m| invalid("max_worker_memory", m))? {
+                0 => WorkerMemory::Off,
+                bytes if bytes < 64 << 20 => {
+                    return Err(invalid(
+                        "max_worker_memory",
+                        "below 64 MiB no worker can boot",
+                    ));
+                }
+                bytes => WorkerMemory::Bytes(bytes),
+            },
+        };
         let duckdb_max_temp_bytes = match raw.duckdb_max_temp_size.as_deref() {
             None | Some("") => None,
             Some(text) => Some(parse_size(text).map_err(|m| invalid("duckdb_max_temp_size", m))?),
@@ -673,6 +690,7 @@ impl Config {
             data_dir,
             temp_dir,
             duckdb_memory_limit_bytes,
+            cpus: crate::cgroup::Limits::detect().whole_cpus(),
             duckdb_threads,
             max_result_rows,
             max_body_bytes,
@@ -682,6 +700,7 @@ impl Config {
             query_queue_timeout,
             share_query_slots: require(&raw.share_query_slots, "share_query_slots")?,
             duckdb_max_temp_bytes,
+            max_worker_memory,
             cache_dir,
             storage: require(&raw.storage, "storage")?,
             datasets,
@@ -731,17 +750,35 @@ impl Config {
         })
     }
 
+    /// The memory guard's soft ceiling for one worker of a pool of `workers`, if it is on.
+    pub fn worker_memory_ceiling(&self, workers: usize) -> Option<u64> {
+        match self.max_worker_memory {
+            WorkerMemory::Off => None,
+            WorkerMemory::Bytes(bytes) => Some(bytes),
+            WorkerMemory::Auto => {
+                Some((2 * self.worker_memory_limit_bytes(workers)).max(256 << 20))
+            }
+        }
+    }
+
     pub fn worker_memory_limit_bytes(&self, workers: usize) -> u64 {
         self.duckdb_memory_limit_bytes / workers.max(1) as u64
     }
 
     /// DuckDB's threads for one worker: the configured number, or cores / workers (at least 1).
     pub fn worker_threads(&self, workers: usize) -> u32 {
-        self.duckdb_threads.unwrap_or_else(|| {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            (cores / workers.max(1)).max(1) as u32
-        })
+        self.duckdb_threads
+            .unwrap_or_else(|| (self.cpus / workers.max(1) as u32).max(1))
     }
+}
+
+/// `max_worker_memory`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkerMemory {
+    Off,
+    /// Twice a worker's share of `duckdb_memory_limit`, at least 256 MiB.
+    Auto,
+    Bytes(u64),
 }
 
 /// An absolute path without touching the file system beyond the current directory.

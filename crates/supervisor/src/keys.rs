@@ -144,8 +144,9 @@ keys! {
     bind: Vec<String> = Some(vec!["127.0.0.1:8000".to_owned()]),
     arg(short = 'b', long = "bind", value_name = "ADDRESS", num_args = 1, action = clap::ArgAction::Append),
     restart = true;
-    /// Worker processes, each with its own DuckDB instance.
-    workers: u64 = Some(4),
+    /// Worker processes, each with its own DuckDB instance. Default: 4, or a worker per CPU of
+    /// the control group's CPU quota (a container's --cpus).
+    workers: u64 = Some(crate::cgroup::Limits::detect().default_workers()),
     arg(short = 'w', long),
     env "WORKERS",
     restart = false;
@@ -210,12 +211,14 @@ keys! {
     temp_dir: PathBuf = Some(std::env::temp_dir()),
     arg(long, value_name = "DIR"),
     restart = false;
-    /// DuckDB memory for the whole pool, divided among the workers, e.g. "2GB".
-    duckdb_memory_limit: String = Some("2GB".to_owned()),
+    /// DuckDB memory for the whole pool, divided among the workers, e.g. "2GB". Default: 2GB, or
+    /// three quarters of the control group's memory limit (a container's --memory).
+    duckdb_memory_limit: String = Some(crate::cgroup::Limits::detect().default_memory_limit()),
     arg(long, value_name = "SIZE"),
     env "DUCKDB_MEMORY_LIMIT",
     restart = false;
-    /// DuckDB threads per worker; 0 means CPU cores / workers, at least 1.
+    /// DuckDB threads per worker; 0 means CPU cores (the control group's quota, if it has one) /
+    /// workers, at least 1.
     duckdb_threads: u64 = Some(0),
     arg(long),
     restart = false;
@@ -248,6 +251,11 @@ keys! {
     /// Whether a worker whose queries queue may borrow the query slots other workers leave idle.
     share_query_slots: bool = Some(true),
     arg(long, value_name = "BOOL"),
+    restart = false;
+    /// Resident memory one worker may hold before the master recycles it, e.g. "1GB"; "auto"
+    /// is twice its share of duckdb_memory_limit (at least 256 MiB), "0" turns the guard off.
+    max_worker_memory: String = Some("auto".to_owned()),
+    arg(long, value_name = "SIZE"),
     restart = false;
     /// Disk DuckDB may spill to, for the whole pool, divided among the workers, e.g. "20GB".
     duckdb_max_temp_size: String = None,

@@ -51,6 +51,7 @@
 //! | 73 | the log or PID file, or the cache directory's lock file, could not be created (`EX_CANTCREAT`) |
 
 pub mod accounts;
+pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod keys;
@@ -61,6 +62,7 @@ pub mod pidfile;
 pub mod pool;
 pub mod pool_lock;
 mod sys;
+mod usage;
 
 use std::path::PathBuf;
 

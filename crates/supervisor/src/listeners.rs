@@ -186,6 +186,34 @@ impl Listeners {
         Ok(listeners)
     }
 
+    /// The socket inodes of each slot (a shared listener counts as slot 0's), to find their
+    /// accept queues in `/proc/net/tcp`.
+    pub fn slot_inodes(&self) -> Vec<Vec<u64>> {
+        let inode = |socket: &Socket| {
+            nix::sys::stat::fstat(socket.as_fd())
+                .ok()
+                .map(|st| st.st_ino)
+        };
+        let mut slots: Vec<Vec<u64>> = vec![Vec::new(); self.slot_count().unwrap_or(1).max(1)];
+        for bound in &self.bound {
+            match bound {
+                Bound::PerSlot { sockets, .. } => {
+                    for (slot, socket) in sockets.iter().enumerate() {
+                        if let (Some(inodes), Some(ino)) = (slots.get_mut(slot), inode(socket)) {
+                            inodes.push(ino);
+                        }
+                    }
+                }
+                Bound::Shared { socket, .. } => {
+                    if let (Some(inodes), Some(ino)) = (slots.get_mut(0), inode(socket)) {
+                        inodes.push(ino);
+                    }
+                }
+            }
+        }
+        slots
+    }
+
     /// Send new connections of every per-slot address only to slots `0..active`.
     pub fn steer(&self, active: usize) -> io::Result<()> {
         if self.slot_count().is_none() || active == 0 {

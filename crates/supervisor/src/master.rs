@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use ferrocorn_query_core::{EngineSettings, StorageSettings};
-use ferrocorn_scoreboard::{MAX_RECORDS, RecordState, Scoreboard, monotonic_ms};
+use ferrocorn_scoreboard::{MAX_RECORDS, PoolCounters, RecordState, Scoreboard, monotonic_ms};
 use ferrocorn_worker::AuthSettings;
 use ferrocorn_worker::QuerySettings;
 use ferrocorn_worker::ResultCacheSettings;
@@ -36,6 +36,12 @@ use crate::{StartError, logging, sys};
 /// How long the master sleeps at most between two looks at the pool.
 const TICK: Duration = Duration::from_millis(100);
 
+/// How often the master samples the workers' memory and CPU and the accept queues.
+const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Samples in a row over `max_worker_memory` before the guard recycles a worker.
+const OVER_MEMORY_SAMPLES: u32 = 3;
+
 /// A forked worker, as far as the master's own bookkeeping goes (the pool has the rest).
 #[derive(Debug)]
 struct Child {
@@ -45,6 +51,9 @@ struct Child {
     ready_seen: bool,
     retire_seen: bool,
     silent_seen: bool,
+    /// Consecutive samples over the memory ceiling, and whether the guard has acted.
+    over_memory: u32,
+    memory_reported: bool,
 }
 
 /// The file descriptors only the master uses (closed in every child).
@@ -73,6 +82,12 @@ pub struct Master {
     /// Held for the master's lifetime: one pool per cache directory.
     _lock: PoolLock,
     exit_code: Option<i32>,
+    /// When `/proc` was last sampled; whether the pool is over 90 % of its memory budget.
+    last_sample: Option<Instant>,
+    over_budget: bool,
+    /// systemd's watchdog interval, if it asked for one, and when it was last fed.
+    watchdog: Option<Duration>,
+    last_watchdog: Option<Instant>,
 }
 
 /// The signals the master handles; blocked and read through a signalfd.
@@ -146,6 +161,10 @@ impl Master {
             pidfile,
             _lock: lock,
             exit_code: None,
+            last_sample: None,
+            over_budget: false,
+            watchdog: sd_notify::watchdog_enabled(),
+            last_watchdog: None,
         })
     }
 
@@ -161,7 +180,9 @@ impl Master {
             self.handle_signals();
             self.reap();
             self.observe();
+            self.sample();
             self.dispatch(Event::Tick);
+            self.feed_watchdog();
         }
     }
 
@@ -263,6 +284,10 @@ impl Master {
                     // The log goes to a file: the operator's terminal gets the reason too.
                     eprintln!("ferrocorn: {reason}");
                 }
+                None
+            }
+            Action::CountExit(cause) => {
+                self.scoreboard.pool().worker_exited(cause);
                 None
             }
             Action::Exit { code } => {
@@ -452,6 +477,110 @@ impl Master {
         }
     }
 
+    /// Every [`SAMPLE_INTERVAL`]: each worker's RSS and CPU time and each slot's accept queue
+    /// into the scoreboard, and the memory guard's verdicts.
+    fn sample(&mut self) {
+        let now = Instant::now();
+        if self
+            .last_sample
+            .is_some_and(|t| now.saturating_duration_since(t) < SAMPLE_INTERVAL)
+        {
+            return;
+        }
+        self.last_sample = Some(now);
+        let pool = self.scoreboard.pool();
+        PoolCounters::set(&pool.workers_desired, self.pool.desired() as u64);
+        let queues = crate::usage::accept_queues();
+        for (slot, inodes) in self.listeners.slot_inodes().iter().enumerate() {
+            let queued = inodes.iter().filter_map(|i| queues.get(i)).sum();
+            self.scoreboard.set_accept_queue(slot, queued);
+        }
+        let ceiling = self.config.worker_memory_ceiling(self.pool.desired());
+        let mut events = Vec::new();
+        let mut pool_rss = 0u64;
+        for (pid, child) in &mut self.children {
+            let record = &self.scoreboard.records()[child.record];
+            let Some((rss, cpu_ms)) = crate::usage::process(pid.as_raw()) else {
+                continue;
+            };
+            record.set_usage(rss, cpu_ms);
+            pool_rss += rss;
+            let Some(ceiling) = ceiling else { continue };
+            if rss > ceiling + ceiling / 2 {
+                events.push(Event::OverMemory {
+                    pid: *pid,
+                    hard: true,
+                });
+                continue;
+            }
+            child.over_memory = if rss > ceiling {
+                child.over_memory + 1
+            } else {
+                0
+            };
+            if child.over_memory >= OVER_MEMORY_SAMPLES && !child.memory_reported {
+                child.memory_reported = true;
+                tracing::warn!(
+                    slot = record.slot(),
+                    pid = pid.as_raw(),
+                    generation = record.generation(),
+                    rss_bytes = rss,
+                    ceiling_bytes = ceiling,
+                    "worker over max_worker_memory"
+                );
+                events.push(Event::OverMemory {
+                    pid: *pid,
+                    hard: false,
+                });
+            }
+        }
+        let budget = self.config.duckdb_memory_limit_bytes;
+        let over = pool_rss > budget / 10 * 9;
+        if over && !self.over_budget {
+            tracing::warn!(
+                rss_bytes = pool_rss,
+                budget_bytes = budget,
+                "the pool's resident memory is over 90 % of duckdb_memory_limit"
+            );
+        }
+        self.over_budget = over;
+        for event in events {
+            self.dispatch(event);
+        }
+    }
+
+    /// Tell systemd's watchdog the master is alive — only while a quorum of the pool (half its
+    /// slots, at least one) has a ready worker with a fresh heartbeat, so that a pool that
+    /// cannot serve is restarted.
+    fn feed_watchdog(&mut self) {
+        let Some(interval) = self.watchdog else {
+            return;
+        };
+        let now = Instant::now();
+        if self
+            .last_watchdog
+            .is_some_and(|t| now.saturating_duration_since(t) < interval / 3)
+        {
+            return;
+        }
+        let fresh_ms = (interval.as_millis() as u64).min(self.config.timeout.as_millis() as u64);
+        let now_ms = monotonic_ms();
+        let alive = self
+            .children
+            .values()
+            .map(|c| self.record(c.record))
+            .filter(|r| {
+                r.state() == RecordState::Ready
+                    && now_ms.saturating_sub(r.last_heartbeat_ms()) <= fresh_ms
+            })
+            .count();
+        let quorum = self.pool.desired().div_ceil(2).max(1);
+        if alive >= quorum {
+            self.last_watchdog = Some(now);
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        }
+    }
+
     fn free_record(&self) -> Option<usize> {
         (0..MAX_RECORDS).find(|&i| {
             self.scoreboard.records()[i].state() == RecordState::Free
@@ -501,6 +630,8 @@ impl Master {
             },
             cors_origins: c.cors_origins.clone(),
             log_files: c.log_files(),
+            pool_memory_budget: c.duckdb_memory_limit_bytes,
+            pool_cpus: c.cpus,
         }
     }
 
@@ -521,7 +652,8 @@ impl Master {
         let memory_limit_bytes = self.config.worker_memory_limit_bytes(workers);
         let threads = self.config.worker_threads(workers);
         let settings = self.worker_settings(budget, workers, threads);
-        record.reset(monotonic_ms());
+        record.reset(monotonic_ms(), slot, generation);
+        PoolCounters::add(&self.scoreboard.pool().worker_starts, 1);
         let master_pid = nix::unistd::getpid();
 
         match sys::fork()? {
@@ -541,6 +673,8 @@ impl Master {
                         ready_seen: false,
                         retire_seen: false,
                         silent_seen: false,
+                        over_memory: 0,
+                        memory_reported: false,
                     },
                 );
                 Ok(child)

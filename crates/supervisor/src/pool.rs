@@ -32,7 +32,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use ferrocorn_scoreboard::MAX_WORKERS;
+use ferrocorn_scoreboard::{ExitCause, MAX_WORKERS};
 use ferrocorn_worker::EXIT_BOOT_FAILED;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
@@ -90,6 +90,9 @@ pub enum Event {
     RetirementRequested { pid: Pid, requests: u64 },
     /// A worker's heartbeat is older than `timeout`.
     Silent(Pid),
+    /// A worker's resident memory stayed over `max_worker_memory` (`hard`: over the hard
+    /// ceiling once): recycled gracefully, or killed if `hard`.
+    OverMemory { pid: Pid, hard: bool },
     /// A child was reaped. `boot_failure` is its record's reason when the worker said it could
     /// not boot (its record, or its exit code).
     Exited {
@@ -124,6 +127,8 @@ pub enum Action {
     Notify(Notice),
     /// The pool cannot serve: report `reason` where the operator sees it. A stop follows.
     Fatal { reason: String },
+    /// A worker ended, for `cause` (the master counts it for `/metrics`).
+    CountExit(ExitCause),
     /// Every worker is gone: exit with `code`.
     Exit { code: i32 },
 }
@@ -205,7 +210,10 @@ struct Worker {
     /// When it entered its phase.
     since: Instant,
     kill_sent: bool,
-    retire_requested: bool,
+    /// Why it is to be replaced (its budget spent, or the memory guard), if it is.
+    retire: Option<ExitCause>,
+    /// Why it is ending, once it is told to.
+    cause: Option<ExitCause>,
 }
 
 /// The pool's state; see the module documentation.
@@ -335,9 +343,9 @@ impl Pool {
             Event::RetirementRequested { pid, requests } => {
                 if let Some(worker) = self.workers.get_mut(&pid)
                     && worker.phase == WorkerPhase::Ready
-                    && !worker.retire_requested
+                    && worker.retire.is_none()
                 {
-                    worker.retire_requested = true;
+                    worker.retire = Some(ExitCause::MaxRequests);
                     tracing::info!(
                         slot = worker.slot,
                         pid = pid.as_raw(),
@@ -347,6 +355,7 @@ impl Pool {
                 }
             }
             Event::Silent(pid) => self.silent(pid, now),
+            Event::OverMemory { pid, hard } => self.over_memory(pid, hard, now),
             Event::Exited {
                 pid,
                 status,
@@ -407,6 +416,7 @@ impl Pool {
         };
         for (pid, worker) in &mut self.workers {
             self.actions.push(Action::Signal { pid: *pid, signal });
+            worker.cause.get_or_insert(ExitCause::Stop);
             if worker.phase != WorkerPhase::Killed {
                 worker.phase = WorkerPhase::Draining;
                 worker.since = now;
@@ -457,7 +467,8 @@ impl Pool {
                 ready_at: None,
                 since: now,
                 kill_sent: false,
-                retire_requested: false,
+                retire: None,
+                cause: None,
             },
         );
     }
@@ -506,7 +517,9 @@ impl Pool {
         tracing::info!(
             slot = worker.slot,
             pid = pid.as_raw(),
+            generation = worker.generation,
             why,
+            cause = worker.cause.map_or("", ExitCause::label),
             "worker draining"
         );
         worker.phase = WorkerPhase::Draining;
@@ -528,11 +541,51 @@ impl Pool {
             pid,
             slot: worker.slot,
         });
+        worker.cause = Some(ExitCause::Timeout);
         worker.phase = WorkerPhase::Killed;
         worker.since = now;
         if let Some(slot) = self.slots.get_mut(worker.slot) {
             slot.forget(pid);
             slot.note_failure(worker, now);
+        }
+    }
+
+    /// The memory guard's verdict on `pid`: a successor first, or (`hard`) a kill at once.
+    fn over_memory(&mut self, pid: Pid, hard: bool, now: Instant) {
+        let Some(worker) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        if hard {
+            if matches!(worker.phase, WorkerPhase::Killed) {
+                return;
+            }
+            tracing::error!(
+                slot = worker.slot,
+                pid = pid.as_raw(),
+                generation = worker.generation,
+                cause = "memory",
+                "worker over the hard memory ceiling; killing it"
+            );
+            worker.cause = Some(ExitCause::Memory);
+            worker.phase = WorkerPhase::Killed;
+            worker.since = now;
+            worker.kill_sent = true;
+            self.actions.push(Action::Signal {
+                pid,
+                signal: Signal::SIGKILL,
+            });
+            if let Some(slot) = self.slots.get_mut(worker.slot) {
+                slot.forget(pid);
+            }
+        } else if worker.phase == WorkerPhase::Ready && worker.retire.is_none() {
+            tracing::warn!(
+                slot = worker.slot,
+                pid = pid.as_raw(),
+                generation = worker.generation,
+                cause = "memory",
+                "worker over max_worker_memory; recycling it once its successor is ready"
+            );
+            worker.retire = Some(ExitCause::Memory);
         }
     }
 
@@ -544,19 +597,28 @@ impl Pool {
         let boot_failed = worker.ready_at.is_none() && boot_failure.is_some();
         let reason = boot_failure.unwrap_or_default();
         let expected = matches!(worker.phase, WorkerPhase::Draining | WorkerPhase::Killed);
+        let cause = match worker.cause {
+            Some(cause) if expected => cause,
+            _ => ExitCause::Crash,
+        };
+        self.actions.push(Action::CountExit(cause));
         if expected {
             tracing::info!(
                 slot = worker.slot,
                 pid = pid.as_raw(),
+                generation = worker.generation,
+                cause = cause.label(),
                 status,
                 "worker exited"
             );
         } else if boot_failed {
-            tracing::error!(slot = worker.slot, pid = pid.as_raw(), status, reason = %reason, "worker failed to boot");
+            tracing::error!(slot = worker.slot, pid = pid.as_raw(), generation = worker.generation, cause = "crash", status, reason = %reason, "worker failed to boot");
         } else {
             tracing::warn!(
                 slot = worker.slot,
                 pid = pid.as_raw(),
+                generation = worker.generation,
+                cause = "crash",
                 status,
                 "worker died unexpectedly"
             );
@@ -687,12 +749,24 @@ impl Pool {
                 // A refill is never held back by another slot's replacement.
                 None => true,
                 Some(pid) => {
-                    let (rolled, recycled) = self.workers.get(&pid).map_or((false, false), |w| {
-                        (w.generation < self.generation, w.retire_requested)
-                    });
-                    let start = !planned_in_progress && (rolled || (recycled && recycle_due));
+                    let Some(worker) = self.workers.get_mut(&pid) else {
+                        continue;
+                    };
+                    let rolled = worker.generation < self.generation;
+                    // The memory guard's recycle is not paced by `recycle_interval`.
+                    let due = match worker.retire {
+                        Some(ExitCause::Memory) => true,
+                        Some(_) => recycle_due,
+                        None => false,
+                    };
+                    let start = !planned_in_progress && (rolled || due);
                     if start {
                         planned_in_progress = true;
+                        worker.cause = Some(if rolled {
+                            ExitCause::Reload
+                        } else {
+                            worker.retire.unwrap_or(ExitCause::MaxRequests)
+                        });
                         if !rolled {
                             self.last_recycle = Some(now);
                         }
@@ -728,6 +802,9 @@ impl Pool {
             self.steered = 0;
             self.update_steering();
             for pid in to_drain {
+                if let Some(worker) = self.workers.get_mut(&pid) {
+                    worker.cause = Some(ExitCause::Scale);
+                }
                 self.drain(pid, "slot removed", now);
             }
         }

@@ -15,17 +15,17 @@ use axum::routing::get;
 use axum::{Extension, Json, Router};
 use ferrocorn_query_core::error::chain as error_chain;
 use ferrocorn_query_core::{DatasetInfo, Storage};
-use ferrocorn_scoreboard::{PoolCounters, WorkerRecord};
+use ferrocorn_scoreboard::PoolCounters;
 use http::{HeaderValue, header};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use crate::access_log::AccessEntry;
 use crate::api::{ColumnDoc, DatasetDoc, DatasetList, Health, Ready};
 use crate::auth::Principal;
 use crate::openapi::ApiDoc;
 use crate::problem::{ApiError, Problem};
 use crate::settings::WorkerSettings;
 use crate::state::{AppState, counts_toward_budget, refresh_catalog};
+use crate::tally::{Ending, InFlight};
 
 /// The routes with their OpenAPI descriptions.
 fn documented_routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
@@ -62,12 +62,27 @@ pub fn router(state: Arc<AppState>) -> Result<Router, serde_json::Error> {
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), front_line));
+    #[cfg(feature = "test-hooks")]
+    let routes = routes.route("/test-hooks/hog", axum::routing::post(hog));
     // Outside the front line: a preflight carries no credential and is answered here.
     let routes = match cors(&state.settings.cors_origins) {
         Some(layer) => routes.layer(layer),
         None => routes,
     };
     Ok(routes.with_state(state))
+}
+
+/// Test builds only: the worker takes `mib` MiB of memory for good (every page touched), as a
+/// leaking worker would, for the memory guard's test.
+#[cfg(feature = "test-hooks")]
+async fn hog(body: Bytes) -> Response {
+    let mib: usize = std::str::from_utf8(&body)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0);
+    let held = vec![0x5au8; mib << 20];
+    std::mem::forget(held);
+    (http::StatusCode::OK, format!("{mib}")).into_response()
 }
 
 /// The CORS policy of `cors_origins` (none when empty): exact origins (`Vary: Origin`), the
@@ -118,9 +133,9 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
 
 /// Runs around every request: limits, framing, request id, accounting, drain.
 async fn front_line(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    let begun = Begun::of(&state, &request);
-    let request_id = begun.request_id.clone();
-    let response = crate::request_id::scope(request_id, async move {
+    let mut ending = begin(&state, &request);
+    let request_id = ending.request_id().to_owned();
+    let response = crate::request_id::scope(request_id, async {
         match admit(&state.settings, &request) {
             Err(e) => {
                 // The body is unread, and its framing may be what is wrong: nothing after it on
@@ -136,7 +151,7 @@ async fn front_line(State(state): State<Arc<AppState>>, request: Request, next: 
                 match crate::login::check(&state, &mut request) {
                     Err(e) => e.into_response(),
                     Ok(limits) => {
-                        let _in_flight = state.count(&request);
+                        ending.hold(state.count(&request));
                         let mut response = next.run(request).await;
                         if let Some(limits) = limits {
                             crate::problem::insert_rate_limit(response.headers_mut(), limits);
@@ -148,7 +163,7 @@ async fn front_line(State(state): State<Arc<AppState>>, request: Request, next: 
         }
     })
     .await;
-    begun.finish(response)
+    finish(&state, ending, response)
 }
 
 /// `GET /healthz` answered straight from the connection, before the router: the same answer,
@@ -163,77 +178,43 @@ pub fn fast_health<B>(state: &Arc<AppState>, request: &http::Request<B>) -> Opti
     {
         return None;
     }
-    let begun = Begun::of(state, request);
-    let _in_flight = state.count(request);
-    Some(begun.finish(health(state)))
+    let mut ending = begin(state, request);
+    ending.hold(state.count(request));
+    Some(finish(state, ending, health(state)))
 }
 
 /// The front line's record of a request, taken before its handler consumes it.
-struct Begun {
-    state: Arc<AppState>,
-    request_id: String,
-    received: std::time::Instant,
-    /// What the access line needs, when there is an access log.
-    access: Option<RequestFacts>,
+fn begin<B>(state: &Arc<AppState>, request: &http::Request<B>) -> Ending {
+    let received = std::time::Instant::now();
+    Ending::of(
+        state,
+        request,
+        crate::request_id::assign(request.headers()),
+        received,
+    )
 }
 
-impl Begun {
-    fn of<B>(state: &Arc<AppState>, request: &http::Request<B>) -> Self {
-        Self {
-            state: state.clone(),
-            request_id: state
-                .request_ids
-                .assign(request.headers().get("x-request-id")),
-            received: std::time::Instant::now(),
-            access: state
-                .access_log
-                .as_ref()
-                .map(|_| RequestFacts::of(request, &state.settings.auth.forwarded_allow)),
-        }
+/// The response as it goes out: its request id, the security headers, `Connection: close`
+/// while draining; counted and logged when its body ends.
+fn finish(state: &AppState, ending: Ending, mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(ending.request_id()) {
+        headers.insert("x-request-id", value);
     }
-
-    /// The response as it goes out: its request id, `Connection: close` while draining, and
-    /// its access line.
-    fn finish(self, mut response: Response) -> Response {
-        let state = &self.state;
-        let headers = response.headers_mut();
-        if let Ok(value) = HeaderValue::from_str(&self.request_id) {
-            headers.insert("x-request-id", value);
-        }
-        // No response is a document a browser should sniff, run scripts in or frame (the API
-        // serves no HTML; a data response is downloaded, never rendered).
-        headers.insert(
-            header::X_CONTENT_TYPE_OPTIONS,
-            HeaderValue::from_static("nosniff"),
-        );
-        headers.insert(
-            header::CONTENT_SECURITY_POLICY,
-            HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
-        );
-        if state.draining.load(Ordering::Relaxed) {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        if let (Some(log), Some(facts)) = (&state.access_log, &self.access) {
-            let entry = AccessEntry {
-                peer: facts.peer,
-                method: &facts.method,
-                target: &facts.target,
-                version: facts.version,
-                status: response.status().as_u16(),
-                bytes: response
-                    .headers()
-                    .get(header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok()),
-                referer: facts.referer.as_deref(),
-                user_agent: facts.user_agent.as_deref(),
-                duration: self.received.elapsed(),
-                request_id: &self.request_id,
-            };
-            log.write(&entry.format(std::time::SystemTime::now()));
-        }
-        response
+    // No response is a document a browser should sniff, run scripts in or frame (the API
+    // serves no HTML; a data response is downloaded, never rendered).
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
+    );
+    if state.draining.load(Ordering::Relaxed) {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    ending.attach(response)
 }
 
 impl AppState {
@@ -263,56 +244,6 @@ impl AppState {
 }
 
 pub use crate::login::PeerAddr;
-
-/// The parts of a request its access line shows.
-struct RequestFacts {
-    peer: Option<std::net::IpAddr>,
-    method: String,
-    target: String,
-    version: &'static str,
-    referer: Option<String>,
-    user_agent: Option<String>,
-}
-
-impl RequestFacts {
-    fn of<B>(request: &http::Request<B>, allow: &crate::settings::ForwardedAllow) -> Self {
-        let header_text = |name: header::HeaderName| {
-            request
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        Self {
-            // The client, as the rate limits see it: a trusted proxy may name it.
-            peer: crate::login::client_of(
-                request.extensions().get::<PeerAddr>().map(|p| p.0),
-                allow,
-                request.headers(),
-            ),
-            method: request.method().to_string(),
-            target: request
-                .uri()
-                .path_and_query()
-                .map_or_else(|| request.uri().to_string(), ToString::to_string),
-            version: match request.version() {
-                http::Version::HTTP_10 => "HTTP/1.0",
-                _ => "HTTP/1.1",
-            },
-            referer: header_text(header::REFERER),
-            user_agent: header_text(header::USER_AGENT),
-        }
-    }
-}
-
-/// Decrements the in-flight count however the request ends (including a dropped future).
-struct InFlight(&'static WorkerRecord);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.request_finished();
-    }
-}
 
 /// What the front line refuses before any handler runs: the limits, then what RFC 9112 asks of
 /// a request that hyper's parser lets through.

@@ -27,6 +27,8 @@
 //! - `login`: `POST /v1/auth/token`, and the front line's check of every other request's
 //!   credential.
 //! - `query`: `/v1/query`, from the request to the answer.
+//! - `tally`: the end of a response: the pool's request table and the access line, written
+//!   when its last byte is sent.
 //! - `metrics`: `/metrics` for the whole pool.
 //! - `http`: the router, the front-line middleware and the other endpoints.
 //! - `server`: the lifecycle (booting → ready → draining → exited), the accept loop with its
@@ -61,6 +63,7 @@ mod server;
 mod settings;
 mod state;
 mod stream;
+mod tally;
 
 pub use auth::{Scope, check_users_file, hash_password, key_digest};
 pub use logfile::LogFile;

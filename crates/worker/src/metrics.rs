@@ -14,9 +14,13 @@ use axum::response::IntoResponse;
 use ferrocorn_query_core::Storage;
 use http::header;
 
-use ferrocorn_scoreboard::{PoolCounters, RecordState};
+use ferrocorn_scoreboard::{
+    BUCKETS_SECONDS, ExitCause, Histogram, PoolCounters, RecordState, STATUSES, Scoreboard,
+    WorkerRecord, monotonic_ms,
+};
 
 use crate::state::AppState;
+use crate::tally::{METHOD_LABELS, ROUTE_LABELS, status_label};
 
 /// Prometheus text exposition format.
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -40,7 +44,7 @@ const POOL_METRICS: &[PoolMetric] = &[
     (
         "ferrocorn_requests_total",
         "counter",
-        "HTTP requests received by the pool.",
+        "HTTP requests admitted by the pool (counted when they start).",
         |p| &p.requests,
     ),
     (
@@ -101,16 +105,41 @@ fn write_metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &
     }
 }
 
-fn render(state: &AppState) -> String {
-    let mut out = String::with_capacity(2048);
-    let workers = |wanted: RecordState| {
-        state
-            .scoreboard
-            .records()
+/// A histogram's samples: cumulative buckets, sum and count, each with `labels` (`a="b",` form,
+/// possibly empty) before `le`.
+fn write_histogram(out: &mut String, name: &str, labels: &str, histogram: &Histogram) {
+    let (buckets, sum) = histogram.snapshot();
+    for (count, bound) in buckets.iter().zip(
+        BUCKETS_SECONDS
             .iter()
-            .filter(|r| r.state() == wanted)
-            .count() as u64
+            .map(|b| b.to_string())
+            .chain(std::iter::once("+Inf".to_owned())),
+    ) {
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{bound}\"}} {count}");
+    }
+    let plain = labels.trim_end_matches(',');
+    let braces = if plain.is_empty() {
+        String::new()
+    } else {
+        format!("{{{plain}}}")
     };
+    let _ = writeln!(out, "{name}_sum{braces} {sum}");
+    let _ = writeln!(out, "{name}_count{braces} {}", buckets[buckets.len() - 1]);
+}
+
+fn help(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn render(state: &AppState) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    let scoreboard = state.scoreboard;
+    let live: Vec<&WorkerRecord> = scoreboard
+        .records()
+        .iter()
+        .filter(|r| !matches!(r.state(), RecordState::Free | RecordState::BootFailed))
+        .collect();
+    let workers = |wanted: RecordState| live.iter().filter(|r| r.state() == wanted).count() as u64;
     write_metric(
         &mut out,
         "ferrocorn_workers",
@@ -126,6 +155,8 @@ fn render(state: &AppState) -> String {
         let value = PoolCounters::get(field(state.pool()));
         write_metric(&mut out, name, kind, help, &[("", value)]);
     }
+    render_requests(&mut out, scoreboard);
+    render_workers(&mut out, state, &live);
     let catalog = state.engine.catalog();
     let snapshots = catalog
         .iter()
@@ -149,5 +180,226 @@ fn render(state: &AppState) -> String {
         "Datasets whose new snapshot is being built.",
         &[("", pending)],
     );
+    help(
+        &mut out,
+        "ferrocorn_build_info",
+        "gauge",
+        "The server's version and DuckDB's.",
+    );
+    let _ = writeln!(
+        out,
+        "ferrocorn_build_info{{version=\"{}\",duckdb=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        state.engine.duckdb_version()
+    );
     out
+}
+
+/// The request table and the query histograms.
+fn render_requests(out: &mut String, scoreboard: &Scoreboard) {
+    let table = scoreboard.requests();
+    help(
+        out,
+        "ferrocorn_http_requests_total",
+        "counter",
+        "HTTP responses of the pool, by route, method and status, counted when their last byte is sent.",
+    );
+    for (route, route_label) in ROUTE_LABELS.iter().enumerate() {
+        for (method, method_label) in METHOD_LABELS.iter().enumerate() {
+            for status in 0..STATUSES {
+                let count = table.count(route, method, status);
+                if count == 0 {
+                    continue;
+                }
+                let status = status_label(status).unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "ferrocorn_http_requests_total{{route=\"{route_label}\",method=\"{method_label}\",status=\"{status}\"}} {count}"
+                );
+            }
+        }
+    }
+    help(
+        out,
+        "ferrocorn_http_request_duration_seconds",
+        "histogram",
+        "From the request head to the response's last byte, by route.",
+    );
+    for (route, label) in ROUTE_LABELS.iter().enumerate() {
+        if let Some(histogram) = table.durations(route) {
+            let labels = format!("route=\"{label}\",");
+            write_histogram(
+                out,
+                "ferrocorn_http_request_duration_seconds",
+                &labels,
+                histogram,
+            );
+        }
+    }
+    let names = [
+        (
+            "ferrocorn_query_queue_seconds",
+            "Time queries waited for a slot.",
+        ),
+        (
+            "ferrocorn_query_execution_seconds",
+            "Time queries spent in DuckDB (encoding excluded).",
+        ),
+        (
+            "ferrocorn_query_encoding_seconds",
+            "Time spent encoding query results.",
+        ),
+    ];
+    for ((name, text), histogram) in names.iter().zip(scoreboard.query_histograms()) {
+        help(out, name, "histogram", text);
+        write_histogram(out, name, "", histogram);
+    }
+}
+
+/// A per-worker metric: name, type, help, and its value from a record at a moment (ms).
+type WorkerMetric = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&WorkerRecord, u64) -> String,
+);
+
+/// Each live worker's gauges, the listeners' queues, the lifecycle counts and the pool's memory.
+fn render_workers(out: &mut String, state: &AppState, live: &[&WorkerRecord]) {
+    let now = monotonic_ms();
+    let per_worker: [WorkerMetric; 7] = [
+        (
+            "ferrocorn_worker_in_flight_requests",
+            "gauge",
+            "Requests the worker is serving.",
+            |r, _| r.in_flight().to_string(),
+        ),
+        (
+            "ferrocorn_worker_open_connections",
+            "gauge",
+            "Connections the worker holds open.",
+            |r, _| r.connections().to_string(),
+        ),
+        (
+            "ferrocorn_worker_heartbeat_age_seconds",
+            "gauge",
+            "Seconds since the worker's last heartbeat.",
+            |r, now| {
+                format!(
+                    "{:.3}",
+                    now.saturating_sub(r.last_heartbeat_ms()) as f64 / 1000.0
+                )
+            },
+        ),
+        (
+            "ferrocorn_worker_resident_memory_bytes",
+            "gauge",
+            "The worker's resident memory, as the master last sampled it.",
+            |r, _| r.rss_bytes().to_string(),
+        ),
+        (
+            "ferrocorn_worker_duckdb_memory_bytes",
+            "gauge",
+            "Memory DuckDB's buffer manager holds in the worker.",
+            |r, _| r.duckdb_bytes().to_string(),
+        ),
+        (
+            "ferrocorn_worker_cpu_seconds_total",
+            "counter",
+            "CPU time the worker has used.",
+            |r, _| format!("{:.3}", r.cpu_ms() as f64 / 1000.0),
+        ),
+        (
+            "ferrocorn_worker_requests",
+            "gauge",
+            "Requests the worker process has started.",
+            |r, _| r.requests().to_string(),
+        ),
+    ];
+    for (name, kind, text, value) in per_worker {
+        help(out, name, kind, text);
+        for record in live {
+            let _ = writeln!(
+                out,
+                "{name}{{slot=\"{}\",pid=\"{}\"}} {}",
+                record.slot(),
+                record.pid(),
+                value(record, now)
+            );
+        }
+    }
+    let scoreboard = state.scoreboard;
+    let slots: std::collections::BTreeSet<usize> = live.iter().map(|r| r.slot()).collect();
+    help(
+        out,
+        "ferrocorn_listener_accept_queue",
+        "gauge",
+        "Connections waiting in a slot's accept queue, as the master last sampled it.",
+    );
+    for slot in slots {
+        let _ = writeln!(
+            out,
+            "ferrocorn_listener_accept_queue{{slot=\"{slot}\"}} {}",
+            scoreboard.accept_queue(slot)
+        );
+    }
+    let pool = scoreboard.pool();
+    write_metric(
+        out,
+        "ferrocorn_workers_desired",
+        "gauge",
+        "The pool's size as it should be.",
+        &[("", PoolCounters::get(&pool.workers_desired))],
+    );
+    write_metric(
+        out,
+        "ferrocorn_worker_starts_total",
+        "counter",
+        "Workers forked.",
+        &[("", PoolCounters::get(&pool.worker_starts))],
+    );
+    help(
+        out,
+        "ferrocorn_worker_exits_total",
+        "counter",
+        "Workers that ended, by cause.",
+    );
+    for cause in ExitCause::ALL {
+        let _ = writeln!(
+            out,
+            "ferrocorn_worker_exits_total{{cause=\"{}\"}} {}",
+            cause.label(),
+            pool.worker_exits(cause)
+        );
+    }
+    let rss: u64 = live.iter().map(|r| r.rss_bytes()).sum();
+    let settings = &state.settings;
+    write_metric(
+        out,
+        "ferrocorn_pool_resident_memory_bytes",
+        "gauge",
+        "The workers' resident memory, summed.",
+        &[("", rss)],
+    );
+    write_metric(
+        out,
+        "ferrocorn_pool_memory_budget_bytes",
+        "gauge",
+        "The pool's memory budget (duckdb_memory_limit).",
+        &[("", settings.pool_memory_budget)],
+    );
+    write_metric(
+        out,
+        "ferrocorn_pool_cpus",
+        "gauge",
+        "CPUs available to the pool (the cgroup's quota, or the machine's).",
+        &[("", u64::from(settings.pool_cpus))],
+    );
+    write_metric(
+        out,
+        "ferrocorn_memory_errors_total",
+        "counter",
+        "Queries that failed because DuckDB ran out of memory.",
+        &[("", PoolCounters::get(&pool.memory_errors))],
+    );
 }

@@ -287,6 +287,7 @@ async fn run_query(
     };
     let (response_headers, body) = respond(
         state.engine.clone(),
+        state.scoreboard,
         job,
         permit,
         deadline,

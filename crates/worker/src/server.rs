@@ -296,7 +296,7 @@ async fn serve(
         sandbox,
         auth,
     }));
-    let connections = Arc::new(Connections::default());
+    let connections = Arc::new(Connections::new(state.record));
     let cap = Arc::new(Semaphore::new(settings.worker_connections.max(1)));
     let (stop_tx, stop_rx) = watch::channel(false);
     let app = match router(state.clone()) {
@@ -324,6 +324,7 @@ async fn serve(
     // so that a changed dataset's snapshot is rebuilt (and a finished one attached) even on an
     // idle pool, before the first request after a data load.
     let rescan = tokio::spawn(rescan(engine.clone()));
+    let memory = tokio::spawn(sample_duckdb_memory(engine.clone(), record));
     phase.enter(RecordState::Ready);
     wake_master();
 
@@ -364,6 +365,7 @@ async fn serve(
     }
     heartbeat.abort();
     rescan.abort();
+    memory.abort();
     phase.exited();
     0
 }
@@ -387,6 +389,22 @@ async fn heartbeat(record: &'static WorkerRecord, interval: Duration) {
     loop {
         ticker.tick().await;
         record.beat(monotonic_ms());
+    }
+}
+
+/// How often a worker measures DuckDB's memory for `/metrics`.
+const MEMORY_SAMPLE: Duration = Duration::from_secs(2);
+
+/// Publish DuckDB's memory in use in the worker's record, off the event loop.
+async fn sample_duckdb_memory(engine: Arc<Engine>, record: &'static WorkerRecord) {
+    let mut ticker = tokio::time::interval(MEMORY_SAMPLE);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let engine = engine.clone();
+        if let Ok(Ok(bytes)) = tokio::task::spawn_blocking(move || engine.memory_in_use()).await {
+            record.set_duckdb_bytes(bytes);
+        }
     }
 }
 
@@ -421,20 +439,31 @@ fn into_tokio(listener: Listener) -> std::io::Result<TokioListener> {
     })
 }
 
-/// Counts open connections and wakes the drain when the last one closes.
-#[derive(Debug, Default)]
+/// Counts open connections (here and in the worker's record, for `/metrics`) and wakes the
+/// drain when the last one closes.
+#[derive(Debug)]
 struct Connections {
     open: AtomicUsize,
     closed: Notify,
+    record: &'static WorkerRecord,
 }
 
 impl Connections {
+    fn new(record: &'static WorkerRecord) -> Self {
+        Self {
+            open: AtomicUsize::new(0),
+            closed: Notify::new(),
+            record,
+        }
+    }
+
     fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)
     }
 
     fn track(self: &Arc<Self>) -> ConnectionGuard {
         self.open.fetch_add(1, Ordering::AcqRel);
+        self.record.connection_opened();
         ConnectionGuard(self.clone())
     }
 
@@ -453,6 +482,7 @@ struct ConnectionGuard(Arc<Connections>);
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
+        self.0.record.connection_closed();
         if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.closed.notify_waiters();
         }

@@ -45,6 +45,9 @@ pub struct WorkerSettings {
     pub auth: AuthSettings,
     /// Origins a browser may call the API from (`cors_origins`): exact origins, or `*`.
     pub cors_origins: Vec<String>,
+    /// What `/metrics` reports the pool against: its memory budget and the CPUs it has.
+    pub pool_memory_budget: u64,
+    pub pool_cpus: u32,
 }
 
 /// Accounts and tokens (`environment`, `secret_key`, `users_file`, …), resolved by the supervisor.

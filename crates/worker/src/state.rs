@@ -12,7 +12,6 @@ use crate::admission::{Admission, SlotTable};
 use crate::api::Health;
 use crate::auth::Auth;
 use crate::caching::{CheapStatements, KeyMemos};
-use crate::request_id::RequestIds;
 use crate::result_cache::ResultCache;
 use crate::sandbox::SandboxStatus;
 use crate::settings::{QuerySettings, WorkerSettings};
@@ -43,7 +42,6 @@ pub struct AppState {
     pub access_log: Option<AccessLog>,
     /// What enforces the worker's file-system boundary.
     pub sandbox: SandboxStatus,
-    pub request_ids: RequestIds,
     /// `/healthz`'s body, serialised once.
     pub health_body: bytes::Bytes,
     /// Accounts, keys and tokens.
@@ -126,7 +124,6 @@ impl AppState {
             budget_used: AtomicU64::new(0),
             access_log,
             sandbox,
-            request_ids: RequestIds::new(std::process::id()),
             health_body: serde_json::to_vec(&Health {
                 status: "ok",
                 slot,

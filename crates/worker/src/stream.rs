@@ -20,6 +20,7 @@ use ferrocorn_query_core::{
     ChunkSink, Encoded, Engine, Explain, Flow, Format, InterruptHandle, Params, QueryError,
     QuerySpec, Summary,
 };
+use ferrocorn_scoreboard::{PoolCounters, Scoreboard};
 use http::{HeaderMap, HeaderValue, header};
 use http_body_util::StreamBody;
 use hyper::body::Frame;
@@ -91,11 +92,12 @@ impl Cancel {
 struct Running {
     cancel: Arc<Cancel>,
     timer: tokio::task::JoinHandle<()>,
+    scoreboard: &'static Scoreboard,
     _permit: Permit,
 }
 
 impl Running {
-    fn start(permit: Permit, deadline: Duration) -> Self {
+    fn start(permit: Permit, deadline: Duration, scoreboard: &'static Scoreboard) -> Self {
         let cancel = Arc::new(Cancel::default());
         let timer = {
             let cancel = cancel.clone();
@@ -108,6 +110,7 @@ impl Running {
         Self {
             cancel,
             timer,
+            scoreboard,
             _permit: permit,
         }
     }
@@ -117,6 +120,15 @@ impl Running {
         self.cancel.done.store(true, Ordering::Release);
     }
 
+    /// The query succeeded after `queued`, `exec` and `encode`: into the pool's histograms.
+    fn succeed(self, queued: Duration, exec: Duration, encode: Duration) {
+        let [queue, execution, encoding] = self.scoreboard.query_histograms();
+        queue.observe(queued);
+        execution.observe(exec);
+        encoding.observe(encode);
+        self.finish();
+    }
+
     /// The query failed: the error to answer (a timeout if the deadline interrupted it).
     fn fail(self, error: QueryError) -> ApiError {
         let answer = if matches!(error, QueryError::Interrupted)
@@ -124,6 +136,9 @@ impl Running {
         {
             ApiError::QueryTimeout
         } else {
+            if matches!(error, QueryError::OutOfMemory(_)) {
+                PoolCounters::add(&self.scoreboard.pool().memory_errors, 1);
+            }
             ApiError::Query(error)
         };
         self.finish();
@@ -224,8 +239,10 @@ pub struct Whole {
 /// Run `job` with its admission `permit`, stopped at `deadline`; `queued` is how long it waited.
 /// Answers the response to send: `headers` plus the result's own, with the whole result or a
 /// streamed body. `on_whole` sees a result that fit the first buffer (to cache it).
+#[allow(clippy::too_many_arguments)]
 pub async fn respond(
     engine: Arc<Engine>,
+    scoreboard: &'static Scoreboard,
     job: Job,
     permit: Permit,
     deadline: Duration,
@@ -233,7 +250,7 @@ pub async fn respond(
     mut headers: HeaderMap,
     on_whole: impl FnOnce(&Whole),
 ) -> Result<(HeaderMap, Body), ApiError> {
-    let running = Running::start(permit, deadline);
+    let running = Running::start(permit, deadline, scoreboard);
     let (tx, mut rx) = mpsc::channel::<Chunk>(4);
     // An error line can end a plain NDJSON stream; a compressed one can only be cut short.
     let error_line = job.format == Format::Ndjson && job.coding == Coding::Identity;
@@ -281,8 +298,8 @@ pub async fn respond(
     }
 
     if let Some((summary, encode)) = end {
-        running.finish();
         let exec = exec_started.elapsed().saturating_sub(encode);
+        running.succeed(queued, exec, encode);
         insert_result_headers(&mut headers, summary, queued, exec, encode);
         let whole = Whole {
             summary,
@@ -323,9 +340,9 @@ pub async fn respond(
                     return Some((Ok(frame), (rx, None, Some(running))));
                 }
                 Some(Chunk::End { summary, encode }) => {
-                    running.finish();
-                    let mut trailers = HeaderMap::new();
                     let exec = exec_started.elapsed().saturating_sub(encode);
+                    running.succeed(queued, exec, encode);
+                    let mut trailers = HeaderMap::new();
                     insert_result_headers(&mut trailers, summary, queued, exec, encode);
                     Ok(Frame::trailers(trailers))
                 }

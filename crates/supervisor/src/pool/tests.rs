@@ -120,6 +120,7 @@ impl World {
                 None
             }
             Action::Steer { .. }
+            | Action::CountExit(_)
             | Action::RemoveSlot { .. }
             | Action::CloseSlot { .. }
             | Action::Notify(_)
