@@ -392,6 +392,8 @@ fn systemd_is_told_ready_reloading_and_stopping_with_status_lines() {
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
     assert_eq!(next(), "READY=1\nSTATUS=2/2 workers ready, generation 1\n");
+    // Not before: both workers had said they were ready (DuckDB answering, datasets registered).
+    assert_eq!(server.count(&["worker ready"]), 2, "{}", server.log());
     server.wait_ready();
     assert!(server.log().contains("all workers ready"));
     // A reload: RELOADING=1 with the moment it began, then READY=1 once the roll is done.

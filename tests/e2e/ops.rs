@@ -348,3 +348,209 @@ fn the_grafana_dashboard_uses_only_metrics_the_server_exports() {
         );
     }
 }
+
+#[test]
+fn the_watchdog_is_fed_only_while_a_quorum_of_workers_lives() {
+    use std::os::unix::net::UnixDatagram;
+    let setup = Setup::new();
+    let socket_path = setup.path("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).expect("notify socket");
+    let mut server = setup
+        .env("NOTIFY_SOCKET", &socket_path.display().to_string())
+        .env("WATCHDOG_USEC", "900000")
+        .spawn();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut buf = [0u8; 256];
+    let mut watchdogs_within = |window: Duration| {
+        let start = std::time::Instant::now();
+        let mut fed = 0;
+        while start.elapsed() < window {
+            if let Ok(n) = socket.recv(&mut buf) {
+                fed += usize::from(&buf[..n] == b"WATCHDOG=1\n");
+            }
+        }
+        fed
+    };
+    server.wait_ready();
+    assert!(
+        watchdogs_within(Duration::from_secs(2)) >= 2,
+        "fed while serving"
+    );
+    // Both workers stop: their heartbeats go stale within a second, and feeding stops.
+    let workers = server.workers();
+    for pid in &workers {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), Signal::SIGSTOP).expect("stop");
+    }
+    watchdogs_within(Duration::from_millis(1500));
+    assert_eq!(
+        watchdogs_within(Duration::from_secs(2)),
+        0,
+        "fed without a live worker"
+    );
+    for pid in &workers {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), Signal::SIGCONT).expect("cont");
+    }
+    assert!(watchdogs_within(Duration::from_secs(3)) >= 1, "fed again");
+    server.signal(Signal::SIGTERM);
+    assert_eq!(server.wait_exit(Duration::from_secs(30)).code(), Some(0));
+}
+
+#[test]
+fn access_log_rotation_under_load_loses_no_line() {
+    let setup = Setup::new();
+    let access = setup.path("access.log");
+    let server = setup.key("accesslog", &toml_str(&access)).start();
+    let addr = server.addr();
+    let load = Load::start(addr, 4);
+    poll_until("lines being written", Duration::from_secs(10), || {
+        std::fs::read_to_string(&access)
+            .ok()
+            .filter(|t| t.lines().count() > 200)
+    });
+    // What logrotate does: rename, then USR1 to the master, which tells every worker.
+    let rotated = access.with_extension("log.1");
+    std::fs::rename(&access, &rotated).expect("rotate");
+    server.signal(Signal::SIGUSR1);
+    server.wait_log(&["worker reopened log files"], 2, Duration::from_secs(10));
+    poll_until("lines in the new file", Duration::from_secs(10), || {
+        std::fs::read_to_string(&access)
+            .ok()
+            .filter(|t| t.lines().count() > 200)
+    });
+    let stats = load.stop();
+    assert!(
+        stats.errors.is_empty(),
+        "{:?}",
+        &stats.errors[..stats.errors.len().min(5)]
+    );
+    let lines = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"GET /healthz HTTP/1.1\" 200 "))
+            .count() as u64
+    };
+    // Every answered request has its line, in one file or the other (each written whole).
+    poll_until("every line written", Duration::from_secs(10), || {
+        (lines(&rotated) + lines(&access) == stats.ok).then_some(())
+    });
+    assert!(lines(&rotated) > 0 && lines(&access) > 0);
+}
+
+#[test]
+fn as_pid_1_of_a_pid_namespace_the_master_reaps_orphans_and_exits_with_the_pool() {
+    let setup = Setup::new();
+    setup.write_config();
+    // `sh` starts a short-lived child and becomes the master: the child is the master's to reap,
+    // as an orphan reparented to PID 1 would be.
+    let script = format!(
+        "sleep 0.2 & exec {} --config {}",
+        crate::support::BIN,
+        setup.config_path().display()
+    );
+    let log = setup.path("server.log");
+    let mut unshare = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "sh", "-c", &script])
+        .current_dir(setup.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("unshare (util-linux)");
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    poll_until("all workers ready", crate::support::READY_DEADLINE, || {
+        text().contains("all workers ready").then_some(())
+    });
+    // The master is unshare's child; inside the namespace it is PID 1.
+    let master = crate::support::children_of(unshare.id() as i32)
+        .into_iter()
+        .next()
+        .expect("the master");
+    assert_eq!(
+        crate::support::proc_status(master, "NSpid")
+            .as_deref()
+            .and_then(|v| v.split_whitespace().last()),
+        Some("1")
+    );
+    // The sleeper exits and is reaped: no zombie stays among the master's children.
+    poll_until("the orphan reaped", Duration::from_secs(10), || {
+        let children = crate::support::children_of(master);
+        (children.len() == 2
+            && children.iter().all(|c| {
+                crate::support::proc_status(*c, "State").is_some_and(|s| !s.starts_with('Z'))
+            }))
+        .then_some(())
+    });
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(master), Signal::SIGTERM).expect("term");
+    let status = poll_until("unshare to exit", Duration::from_secs(30), || {
+        unshare.try_wait().ok().flatten()
+    });
+    assert_eq!(status.code(), Some(0), "{}", text());
+}
+
+#[test]
+fn a_2_cpu_2_gb_control_group_sizes_the_pool_without_settings() {
+    // A v1 hierarchy (this machine's); a v2 one is read the same way (unit tests in cgroup.rs).
+    let name = format!("ferrocorn-test-{}", std::process::id());
+    let cpu = std::path::Path::new("/sys/fs/cgroup/cpu").join(&name);
+    let memory = std::path::Path::new("/sys/fs/cgroup/memory").join(&name);
+    struct Group(Vec<std::path::PathBuf>);
+    impl Drop for Group {
+        fn drop(&mut self) {
+            for dir in &self.0 {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+    }
+    std::fs::create_dir(&cpu).expect("a cpu cgroup (run as root)");
+    std::fs::create_dir(&memory).expect("a memory cgroup");
+    let _group = Group(vec![cpu.clone(), memory.clone()]);
+    std::fs::write(cpu.join("cpu.cfs_period_us"), "100000").expect("period");
+    std::fs::write(cpu.join("cpu.cfs_quota_us"), "200000").expect("quota");
+    std::fs::write(memory.join("memory.limit_in_bytes"), "2147483648").expect("memory");
+    // The pool's own settings, without workers, DuckDB's memory or threads.
+    let setup = Setup::new();
+    let mut setup = setup;
+    for key in ["workers", "duckdb_memory_limit", "duckdb_threads"] {
+        setup.keys.remove(key);
+    }
+    setup.write_config();
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && echo $$ > {}/cgroup.procs && exec {} --config {} --print-config",
+        cpu.display(),
+        memory.display(),
+        crate::support::BIN,
+        setup.config_path().display()
+    );
+    let output = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .env_remove("WORKERS")
+        .env_remove("DUCKDB_MEMORY_LIMIT")
+        .output()
+        .expect("sh");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(text.contains("workers = 2  # default"), "{text}");
+    assert!(
+        text.contains("duckdb_memory_limit = \"1536MiB\"  # default"),
+        "{text}"
+    );
+    // Outside the group, the built-in defaults.
+    let plain = std::process::Command::new(crate::support::BIN)
+        .args([
+            "--config",
+            &setup.config_path().display().to_string(),
+            "--print-config",
+        ])
+        .env_remove("WORKERS")
+        .env_remove("DUCKDB_MEMORY_LIMIT")
+        .output()
+        .expect("ferrocorn");
+    let plain = String::from_utf8_lossy(&plain.stdout);
+    assert!(plain.contains("workers = 4  # default"), "{plain}");
+}
