@@ -275,15 +275,14 @@ fn the_memory_guard_recycles_a_hungry_worker_while_the_others_serve() {
     );
 
     // Past the hard ceiling: killed at once, and replaced.
-    let hog = post_raw(
+    // (The kill may come before the answer does.)
+    let _ = post_raw(
         addr,
         "/test-hooks/hog",
         "text/plain",
         hunger(700).as_bytes(),
         &[],
-    )
-    .expect("hog");
-    assert_eq!(hog.status, 200);
+    );
     poll_until(
         "the worker over the hard ceiling killed",
         Duration::from_secs(60),

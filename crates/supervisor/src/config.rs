@@ -23,9 +23,9 @@ use std::time::Duration;
 
 use ferrocorn_query_core::{DatasetOptions, StorageMode};
 use ferrocorn_scoreboard::MAX_WORKERS;
-use ferrocorn_worker::AccessLogTarget;
 use ferrocorn_worker::ForwardedAllow;
 use ferrocorn_worker::SandboxMode;
+use ferrocorn_worker::{AccessLogTarget, LogFormat};
 
 pub use crate::keys::{Origin, Origins, RawConfig};
 
@@ -300,6 +300,7 @@ pub struct Config {
     pub loglevel: String,
     pub errorlog: Option<PathBuf>,
     pub accesslog: Option<AccessLogTarget>,
+    pub log_format: LogFormat,
     /// `environment = "production"`.
     pub production: bool,
     pub secret_key: Option<String>,
@@ -657,6 +658,16 @@ impl Config {
             path => Some(absolute(Path::new(path))),
         };
 
+        let log_format = match require(&raw.log_format, "log_format")?.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "log_format",
+                    format!("{other:?} is not \"text\" or \"json\""),
+                ));
+            }
+        };
         let accesslog = match raw.accesslog.as_deref() {
             None | Some("") => None,
             Some("-") => Some(AccessLogTarget::Stdout),
@@ -713,6 +724,7 @@ impl Config {
             loglevel,
             errorlog,
             accesslog,
+            log_format,
             production,
             secret_key,
             secret_key_previous,

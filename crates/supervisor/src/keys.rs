@@ -293,6 +293,11 @@ keys! {
     errorlog: String = Some("-".to_owned()),
     arg(long = "error-logfile", value_name = "FILE"),
     restart = true;
+    /// Log records' format, for both logs: "text" (the combined log format for access lines) or
+    /// "json" (one object per line).
+    log_format: String = Some("text".to_owned()),
+    arg(long = "log-format", value_name = "FORMAT"),
+    restart = true;
     /// Access log: one line per request; "-" is standard output. Off when unset.
     accesslog: String = None,
     arg(long = "access-logfile", value_name = "FILE"),

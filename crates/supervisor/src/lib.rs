@@ -144,7 +144,11 @@ pub fn main() -> i32 {
         eprintln!("ferrocorn: configuration is valid");
         return 0;
     }
-    if let Err(e) = logging::init(&config.loglevel, config.errorlog.as_deref()) {
+    if let Err(e) = logging::init(
+        &config.loglevel,
+        config.errorlog.as_deref(),
+        config.log_format,
+    ) {
         eprintln!("ferrocorn: cannot open the error log: {e}");
         return EXIT_CANTCREAT;
     }

@@ -186,29 +186,23 @@ impl Listeners {
         Ok(listeners)
     }
 
-    /// The socket inodes of each slot (a shared listener counts as slot 0's), to find their
-    /// accept queues in `/proc/net/tcp`.
-    pub fn slot_inodes(&self) -> Vec<Vec<u64>> {
-        let inode = |socket: &Socket| {
-            nix::sys::stat::fstat(socket.as_fd())
-                .ok()
-                .map(|st| st.st_ino)
-        };
-        let mut slots: Vec<Vec<u64>> = vec![Vec::new(); self.slot_count().unwrap_or(1).max(1)];
+    /// Connections waiting in each slot's accept queues (a shared listener counts as slot 0's;
+    /// unix sockets are not counted).
+    pub fn accept_queues(&self) -> Vec<u32> {
+        let queued = |socket: &Socket| sys::accept_queue(socket.as_fd()).unwrap_or(0);
+        let mut slots = vec![0u32; self.slot_count().unwrap_or(1).max(1)];
         for bound in &self.bound {
             match bound {
                 Bound::PerSlot { sockets, .. } => {
-                    for (slot, socket) in sockets.iter().enumerate() {
-                        if let (Some(inodes), Some(ino)) = (slots.get_mut(slot), inode(socket)) {
-                            inodes.push(ino);
-                        }
+                    for (total, socket) in slots.iter_mut().zip(sockets) {
+                        *total += queued(socket);
                     }
                 }
-                Bound::Shared { socket, .. } => {
-                    if let (Some(inodes), Some(ino)) = (slots.get_mut(0), inode(socket)) {
-                        inodes.push(ino);
-                    }
-                }
+                Bound::Shared {
+                    addr: BindAddr::Tcp(_),
+                    socket,
+                } => slots[0] += queued(socket),
+                Bound::Shared { .. } => {}
             }
         }
         slots

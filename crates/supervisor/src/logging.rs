@@ -8,7 +8,7 @@ use std::io::{self, Write};
 use std::path::Path;
 use std::sync::OnceLock;
 
-use ferrocorn_worker::LogFile;
+use ferrocorn_worker::{LogFile, LogFormat};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 
@@ -16,7 +16,7 @@ use tracing_subscriber::fmt::MakeWriter;
 static LOG_FILE: OnceLock<LogFile> = OnceLock::new();
 
 /// Install the global subscriber. `errorlog` of `None` logs to standard error.
-pub fn init(loglevel: &str, errorlog: Option<&Path>) -> io::Result<()> {
+pub fn init(loglevel: &str, errorlog: Option<&Path>, format: LogFormat) -> io::Result<()> {
     if let Some(path) = errorlog {
         LOG_FILE
             .set(LogFile::open(path)?)
@@ -24,13 +24,17 @@ pub fn init(loglevel: &str, errorlog: Option<&Path>) -> io::Result<()> {
     }
     let filter = EnvFilter::try_from_env("FERROCORN_LOG")
         .unwrap_or_else(|_| EnvFilter::new(format!("{loglevel},hyper=warn,h2=warn")));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(Sink)
         .with_ansi(false)
-        .with_target(false)
-        .try_init()
-        .map_err(io::Error::other)
+        .with_target(false);
+    match format {
+        // One object per event: timestamp, level and the fields, the message among them.
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    }
+    .map_err(io::Error::other)
 }
 
 /// Reopen the log file at its path (after logrotate moved it). Standard error needs nothing.

@@ -490,9 +490,7 @@ impl Master {
         self.last_sample = Some(now);
         let pool = self.scoreboard.pool();
         PoolCounters::set(&pool.workers_desired, self.pool.desired() as u64);
-        let queues = crate::usage::accept_queues();
-        for (slot, inodes) in self.listeners.slot_inodes().iter().enumerate() {
-            let queued = inodes.iter().filter_map(|i| queues.get(i)).sum();
+        for (slot, queued) in self.listeners.accept_queues().into_iter().enumerate() {
             self.scoreboard.set_accept_queue(slot, queued);
         }
         let ceiling = self.config.worker_memory_ceiling(self.pool.desired());
@@ -608,6 +606,7 @@ impl Master {
             heartbeat_interval: (c.timeout / 4).min(Duration::from_secs(1)),
             request_budget: budget,
             accesslog: c.accesslog.clone(),
+            log_format: c.log_format,
             limit_request_line: c.limit_request_line,
             limit_request_fields: c.limit_request_fields,
             limit_request_field_size: c.limit_request_field_size,

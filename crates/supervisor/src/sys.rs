@@ -82,3 +82,47 @@ pub fn steer_reuseport(listener: BorrowedFd<'_>, active: u32) -> io::Result<()> 
         Err(io::Error::last_os_error())
     }
 }
+
+/// Connections waiting in a TCP listener's accept queue: for a listening socket, `TCP_INFO`'s
+/// `tcpi_unacked` is the queue's length (and `tcpi_sacked` its limit). One system call, unlike
+/// reading `/proc/net/tcp`, which walks every socket of the host.
+pub fn accept_queue(listener: BorrowedFd<'_>) -> io::Result<u32> {
+    // SAFETY: tcp_info is plain old data: all-zero bytes are a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` are valid for writes of `len` bytes for the call's duration; the
+    // kernel writes at most `len` bytes and updates `len`; the fd is a valid socket for the
+    // borrow's lifetime.
+    let rc = unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(info.tcpi_unacked)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn the_accept_queue_counts_connections_not_yet_accepted() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        assert_eq!(super::accept_queue(listener.as_fd()).expect("TCP_INFO"), 0);
+        let _clients: Vec<_> = (0..3)
+            .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+            .collect();
+        assert_eq!(super::accept_queue(listener.as_fd()).expect("TCP_INFO"), 3);
+        let _accepted = listener.accept().expect("accept");
+        assert_eq!(super::accept_queue(listener.as_fd()).expect("TCP_INFO"), 2);
+    }
+}

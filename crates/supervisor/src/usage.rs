@@ -1,8 +1,6 @@
-//! What the master samples from `/proc`: each worker's resident memory and CPU time, and each
-//! listener's accept queue — published in the scoreboard for `/metrics`, and the memory guard's
-//! input.
-
-use std::collections::HashMap;
+//! What the master samples from `/proc`: each worker's resident memory and CPU time, published
+//! in the scoreboard for `/metrics`, and the memory guard's input. (The accept queues come from
+//! the listeners themselves: [`crate::listeners::Listeners::accept_queues`].)
 
 /// A process's resident memory in bytes and CPU time (user + system) in milliseconds.
 pub fn process(pid: i32) -> Option<(u64, u64)> {
@@ -34,39 +32,6 @@ fn cpu_ms(stat: &str) -> Option<u64> {
     Some((utime + stime) * 1000 / ticks)
 }
 
-/// The accept-queue length of every listening TCP socket, by inode: a listener's `rx_queue` in
-/// `/proc/net/tcp{,6}` is the connections waiting for `accept`.
-pub fn accept_queues() -> HashMap<u64, u32> {
-    let mut queues = HashMap::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        if let Ok(text) = std::fs::read_to_string(table) {
-            parse_tcp_table(&text, &mut queues);
-        }
-    }
-    queues
-}
-
-fn parse_tcp_table(text: &str, queues: &mut HashMap<u64, u32>) {
-    for line in text.lines().skip(1) {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
-        let (Some(state), Some(queues_field), Some(inode)) =
-            (fields.get(3), fields.get(4), fields.get(9))
-        else {
-            continue;
-        };
-        if *state != "0A" {
-            continue; // not LISTEN
-        }
-        let rx = queues_field
-            .split_once(':')
-            .and_then(|(_, rx)| u32::from_str_radix(rx, 16).ok());
-        if let (Some(rx), Ok(inode)) = (rx, inode.parse::<u64>()) {
-            queues.insert(inode, rx);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,17 +44,6 @@ mod tests {
             .flatten()
             .map_or(100, |n| n as u64);
         assert_eq!(cpu_ms(stat), Some(300 * 1000 / ticks));
-    }
-
-    #[test]
-    fn listening_sockets_give_their_queue_by_inode() {
-        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
-   0: 0100007F:1F40 00000000:0000 0A 00000000:00000007 00:00000000 00000000     0        0 91234 1 0000000000000000 100 0 0 10 0\n\
-   1: 0100007F:1F40 0100007F:9C40 01 00000000:00000003 00:00000000 00000000     0        0 91240 1 0000000000000000 20 4 30 10 -1\n";
-        let mut queues = HashMap::new();
-        parse_tcp_table(table, &mut queues);
-        assert_eq!(queues.get(&91234), Some(&7));
-        assert_eq!(queues.len(), 1, "only LISTEN sockets");
     }
 
     #[test]

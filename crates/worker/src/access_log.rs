@@ -5,6 +5,8 @@
 //! 127.0.0.1 - - [28/Nov/2026:05:53:34 +0000] "GET /v1/datasets HTTP/1.1" 200 512 "-" "curl/8.5.0" 3ms 1a2b-7
 //! ```
 //!
+//! With `log_format = "json"` each line is one JSON object with the same fields instead.
+//!
 //! Each worker opens the file itself after the fork (`O_APPEND`, so lines from several workers
 //! never interleave) and reopens it on SIGUSR1, after logrotate has moved it.
 
@@ -12,41 +14,56 @@ use std::io::{self, Write};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::logfile::LogFile;
-use crate::settings::AccessLogTarget;
+use crate::settings::{AccessLogTarget, LogFormat};
 
 /// An open access log.
 #[derive(Debug)]
-pub enum AccessLog {
+pub struct AccessLog {
+    sink: Sink,
+    format: LogFormat,
+}
+
+#[derive(Debug)]
+enum Sink {
     Stdout,
     File(LogFile),
 }
 
 impl AccessLog {
-    pub fn open(target: AccessLogTarget) -> io::Result<Self> {
-        Ok(match target {
-            AccessLogTarget::Stdout => Self::Stdout,
-            AccessLogTarget::File(path) => Self::File(LogFile::open(&path)?),
-        })
+    pub fn open(target: AccessLogTarget, format: LogFormat) -> io::Result<Self> {
+        let sink = match target {
+            AccessLogTarget::Stdout => Sink::Stdout,
+            AccessLogTarget::File(path) => Sink::File(LogFile::open(&path)?),
+        };
+        Ok(Self { sink, format })
     }
 
     /// Reopen the file at its path (after logrotate moved it).
     pub fn reopen(&self) {
-        if let Self::File(file) = self
+        if let Sink::File(file) = &self.sink
             && let Err(e) = file.reopen()
         {
             tracing::error!(path = %file.path().display(), error = %e, "cannot reopen the access log");
         }
     }
 
+    /// Write the line of `entry`, at time `now`, in the log's format.
+    pub fn write_entry(&self, entry: &AccessEntry<'_>, now: SystemTime) {
+        match self.format {
+            LogFormat::Text => self.write(&entry.format(now)),
+            LogFormat::Json => self.write(&entry.format_json(now)),
+        }
+    }
+
     /// Write one line.
-    pub fn write(&self, line: &str) {
+    fn write(&self, line: &str) {
         let mut record = Vec::with_capacity(line.len() + 1);
         record.extend_from_slice(line.as_bytes());
         record.push(b'\n');
         // A full disk must not fail the request: the line is lost, the answer is not.
-        let _ = match self {
-            Self::File(file) => file.append(&record),
-            Self::Stdout => io::stdout().lock().write_all(&record),
+        let _ = match &self.sink {
+            Sink::File(file) => file.append(&record),
+            Sink::Stdout => io::stdout().lock().write_all(&record),
         };
     }
 }
@@ -85,6 +102,26 @@ impl AccessEntry<'_> {
             self.duration.as_millis(),
             self.request_id,
         )
+    }
+}
+
+impl AccessEntry<'_> {
+    /// The entry as one JSON object (serde_json escapes every string).
+    pub fn format_json(&self, now: SystemTime) -> String {
+        serde_json::json!({
+            "time": clf_time(now),
+            "remote_addr": self.peer.map(|ip| ip.to_string()),
+            "method": self.method,
+            "target": self.target,
+            "protocol": self.version,
+            "status": self.status,
+            "bytes": self.bytes,
+            "referer": self.referer,
+            "user_agent": self.user_agent,
+            "duration_ms": self.duration.as_secs_f64() * 1000.0,
+            "request_id": self.request_id,
+        })
+        .to_string()
     }
 }
 
@@ -160,5 +197,12 @@ mod tests {
             line,
             "127.0.0.1 - - [01/Jan/1970:00:00:00 +0000] \"GET /x?q=\\\"a\\\" HTTP/1.1\" 200 12 \"-\" \"curl/8\" 3ms ab-1"
         );
+        let json: serde_json::Value =
+            serde_json::from_str(&entry.format_json(UNIX_EPOCH)).expect("one JSON object");
+        assert_eq!(json["target"], "/x?q=\"a\"");
+        assert_eq!(json["status"], 200);
+        assert_eq!(json["bytes"], 12);
+        assert_eq!(json["referer"], serde_json::Value::Null);
+        assert_eq!(json["request_id"], "ab-1");
     }
 }

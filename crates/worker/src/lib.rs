@@ -69,6 +69,6 @@ pub use auth::{Scope, check_users_file, hash_password, key_digest};
 pub use logfile::LogFile;
 pub use server::{EXIT_BOOT_FAILED, run, sandbox_probe};
 pub use settings::{
-    AccessLogTarget, AuthSettings, ForwardedAllow, Listener, QuerySettings, ResultCacheSettings,
-    SandboxMode, WorkerArgs, WorkerSettings,
+    AccessLogTarget, AuthSettings, ForwardedAllow, Listener, LogFormat, QuerySettings,
+    ResultCacheSettings, SandboxMode, WorkerArgs, WorkerSettings,
 };

@@ -275,7 +275,12 @@ async fn serve(
         }
     }
 
-    let access_log = match settings.accesslog.clone().map(AccessLog::open).transpose() {
+    let access_log = match settings
+        .accesslog
+        .clone()
+        .map(|target| AccessLog::open(target, settings.log_format))
+        .transpose()
+    {
         Ok(log) => log,
         Err(e) => {
             return boot_failed(

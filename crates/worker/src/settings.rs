@@ -34,6 +34,7 @@ pub struct WorkerSettings {
     pub query: QuerySettings,
     /// Where to write one line per request (`accesslog`); `None` for nowhere.
     pub accesslog: Option<AccessLogTarget>,
+    pub log_format: LogFormat,
     /// The pool's result cache (`result_cache`); `None` when it is off.
     pub result_cache: Option<ResultCacheSettings>,
     /// Whether the kernel's sandbox is required (`sandbox`).
@@ -200,6 +201,17 @@ pub struct QuerySettings {
 pub enum AccessLogTarget {
     Stdout,
     File(PathBuf),
+}
+
+/// How log records are written (`log_format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Lines for people: the combined log format for access lines, `key=value` fields for the
+    /// error log.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
 }
 
 /// What the cache is given.

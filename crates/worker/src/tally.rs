@@ -208,12 +208,21 @@ impl Ending {
             took,
         );
         if let (Some(log), Some(facts)) = (&self.state.access_log, &self.access) {
-            log.write(&line(facts, status, sent, took, &self.request_id));
+            log.write_entry(
+                &entry(facts, status, sent, took, &self.request_id),
+                SystemTime::now(),
+            );
         }
     }
 }
 
-fn line(facts: &RequestFacts, status: u16, sent: u64, took: Duration, request_id: &str) -> String {
+fn entry<'a>(
+    facts: &'a RequestFacts,
+    status: u16,
+    sent: u64,
+    took: Duration,
+    request_id: &'a str,
+) -> AccessEntry<'a> {
     AccessEntry {
         peer: facts.peer,
         method: &facts.method,
@@ -226,7 +235,6 @@ fn line(facts: &RequestFacts, status: u16, sent: u64, took: Duration, request_id
         duration: took,
         request_id,
     }
-    .format(SystemTime::now())
 }
 
 /// A response body that reports its end to its [`Ending`].
