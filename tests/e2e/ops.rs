@@ -553,3 +553,93 @@ fn a_2_cpu_2_gb_control_group_sizes_the_pool_without_settings() {
     let plain = String::from_utf8_lossy(&plain.stdout);
     assert!(plain.contains("workers = 4  # default"), "{plain}");
 }
+
+#[test]
+fn logs_in_json_and_access_lines_in_gunicorns_atoms() {
+    // JSON: both streams, one object per line, escaped.
+    let setup = Setup::new();
+    let access = setup.path("access.log");
+    let errors = setup.path("error.log");
+    let server = setup
+        .key("accesslog", &toml_str(&access))
+        .key("errorlog", &toml_str(&errors))
+        .key("log_format", r#""json""#)
+        .spawn();
+    poll_until(
+        "ready in the error log",
+        crate::support::READY_DEADLINE,
+        || {
+            std::fs::read_to_string(&errors)
+                .ok()
+                .filter(|t| t.contains("all workers ready"))
+        },
+    );
+    let addr = poll_until("the address", Duration::from_secs(5), || {
+        std::fs::read_to_string(&errors)
+            .ok()?
+            .lines()
+            .find_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                v["address"].as_str()?.parse::<std::net::SocketAddr>().ok()
+            })
+    });
+    for line in std::fs::read_to_string(&errors).expect("error log").lines() {
+        let record: serde_json::Value = serde_json::from_str(line).expect("a JSON object per line");
+        assert!(
+            record["level"].is_string() && record["message"].is_string(),
+            "{line}"
+        );
+    }
+    let odd = crate::support::get_with(addr, "/healthz?q=%22x%22", &[("User-Agent", "say \"hi\"")])
+        .expect("healthz");
+    assert_eq!(odd.status, 200);
+    let record = poll_until("the access record", Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&access).ok()?;
+        let line = text.lines().next()?.to_owned();
+        Some(serde_json::from_str::<serde_json::Value>(&line).expect("JSON"))
+    });
+    assert_eq!(record["user_agent"], "say \"hi\"");
+    assert_eq!(record["target"], "/healthz?q=%22x%22");
+    assert_eq!(record["status"], 200);
+    assert_eq!(record["bytes"].as_u64(), Some(odd.body.len() as u64));
+    drop(server);
+
+    // Gunicorn's atoms, a request header and a response header among them.
+    let setup = Setup::new();
+    let access = setup.path("access.log");
+    let server = setup
+        .key("accesslog", &toml_str(&access))
+        .key(
+            "access_log_format",
+            r#"'%(h)s %(m)s %(U)s %(q)s %(s)s %(B)s %(p)s %({x-trace}i)s %({x-request-id}o)s'"#,
+        )
+        .start();
+    let response = crate::support::get_with(
+        server.addr(),
+        "/healthz?a=1",
+        &[("X-Trace", "t-9"), ("X-Request-Id", "rid-7")],
+    )
+    .expect("healthz");
+    let line = poll_until("the access line", Duration::from_secs(10), || {
+        std::fs::read_to_string(&access)
+            .ok()?
+            .lines()
+            .next()
+            .map(str::to_owned)
+    });
+    let pid = response.json()["pid"].as_u64().expect("pid");
+    assert_eq!(
+        line,
+        format!(
+            "127.0.0.1 GET /healthz a=1 200 {} <{pid}> t-9 rid-7",
+            response.body.len()
+        )
+    );
+    // A format with an unknown atom is refused before anything starts.
+    let (status, _, stderr) = Setup::new()
+        .key("access_log_format", r#""%(z)s""#)
+        .arg("--check-config")
+        .run_to_exit();
+    assert_eq!(status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("access_log_format"), "{stderr}");
+}

@@ -25,7 +25,7 @@ use ferrocorn_query_core::{DatasetOptions, StorageMode};
 use ferrocorn_scoreboard::MAX_WORKERS;
 use ferrocorn_worker::ForwardedAllow;
 use ferrocorn_worker::SandboxMode;
-use ferrocorn_worker::{AccessLogTarget, LogFormat};
+use ferrocorn_worker::{AccessFormat, AccessLogTarget, LogFormat};
 
 pub use crate::keys::{Origin, Origins, RawConfig};
 
@@ -301,6 +301,7 @@ pub struct Config {
     pub errorlog: Option<PathBuf>,
     pub accesslog: Option<AccessLogTarget>,
     pub log_format: LogFormat,
+    pub access_log_format: Option<AccessFormat>,
     /// `environment = "production"`.
     pub production: bool,
     pub secret_key: Option<String>,
@@ -668,6 +669,12 @@ impl Config {
                 ));
             }
         };
+        let access_log_format = raw
+            .access_log_format
+            .as_deref()
+            .map(AccessFormat::parse)
+            .transpose()
+            .map_err(|m| invalid("access_log_format", m))?;
         let accesslog = match raw.accesslog.as_deref() {
             None | Some("") => None,
             Some("-") => Some(AccessLogTarget::Stdout),
@@ -725,6 +732,7 @@ impl Config {
             errorlog,
             accesslog,
             log_format,
+            access_log_format,
             production,
             secret_key,
             secret_key_previous,

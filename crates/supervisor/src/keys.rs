@@ -298,6 +298,11 @@ keys! {
     log_format: String = Some("text".to_owned()),
     arg(long = "log-format", value_name = "FORMAT"),
     restart = true;
+    /// Access lines in Gunicorn's access_log_format atoms, e.g. '%(h)s "%(r)s" %(s)s %(M)sms'.
+    /// Unset: the combined log format, the duration and the request id.
+    access_log_format: String = None,
+    arg(long = "access-logformat", value_name = "FORMAT"),
+    restart = false;
     /// Access log: one line per request; "-" is standard output. Off when unset.
     accesslog: String = None,
     arg(long = "access-logfile", value_name = "FILE"),

@@ -607,6 +607,7 @@ impl Master {
             request_budget: budget,
             accesslog: c.accesslog.clone(),
             log_format: c.log_format,
+            access_log_format: c.access_log_format.clone(),
             limit_request_line: c.limit_request_line,
             limit_request_fields: c.limit_request_fields,
             limit_request_field_size: c.limit_request_field_size,

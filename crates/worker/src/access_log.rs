@@ -13,6 +13,8 @@
 use std::io::{self, Write};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use http::{HeaderMap, HeaderName};
+
 use crate::logfile::LogFile;
 use crate::settings::{AccessLogTarget, LogFormat};
 
@@ -21,6 +23,8 @@ use crate::settings::{AccessLogTarget, LogFormat};
 pub struct AccessLog {
     sink: Sink,
     format: LogFormat,
+    /// Gunicorn's `access_log_format`, if the operator set one (text lines only).
+    custom: Option<AccessFormat>,
 }
 
 #[derive(Debug)]
@@ -30,12 +34,27 @@ enum Sink {
 }
 
 impl AccessLog {
-    pub fn open(target: AccessLogTarget, format: LogFormat) -> io::Result<Self> {
+    pub fn open(
+        target: AccessLogTarget,
+        format: LogFormat,
+        custom: Option<AccessFormat>,
+    ) -> io::Result<Self> {
         let sink = match target {
             AccessLogTarget::Stdout => Sink::Stdout,
             AccessLogTarget::File(path) => Sink::File(LogFile::open(&path)?),
         };
-        Ok(Self { sink, format })
+        Ok(Self {
+            sink,
+            format,
+            custom,
+        })
+    }
+
+    /// The custom format's request and response header names (to keep from each request).
+    pub fn headers_wanted(&self) -> (&[HeaderName], &[HeaderName]) {
+        self.custom.as_ref().map_or((&[], &[]), |f| {
+            (f.request_headers.as_slice(), f.response_headers.as_slice())
+        })
     }
 
     /// Reopen the file at its path (after logrotate moved it).
@@ -49,9 +68,10 @@ impl AccessLog {
 
     /// Write the line of `entry`, at time `now`, in the log's format.
     pub fn write_entry(&self, entry: &AccessEntry<'_>, now: SystemTime) {
-        match self.format {
-            LogFormat::Text => self.write(&entry.format(now)),
-            LogFormat::Json => self.write(&entry.format_json(now)),
+        match (self.format, &self.custom) {
+            (LogFormat::Json, _) => self.write(&entry.format_json(now)),
+            (LogFormat::Text, Some(custom)) => self.write(&custom.render(entry, now)),
+            (LogFormat::Text, None) => self.write(&entry.format(now)),
         }
     }
 
@@ -81,6 +101,182 @@ pub struct AccessEntry<'a> {
     pub user_agent: Option<&'a str>,
     pub duration: Duration,
     pub request_id: &'a str,
+    /// Who sent it (the credential's subject), when it carried one.
+    pub user: Option<&'a str>,
+    pub pid: u32,
+    /// The values of the custom format's request and response headers, in its order.
+    pub request_headers: &'a [Option<String>],
+    pub response_headers: &'a [Option<String>],
+}
+
+/// One piece of an `access_log_format`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Piece {
+    Text(String),
+    Atom(char),
+    RequestHeader(usize),
+    ResponseHeader(usize),
+}
+
+/// Gunicorn's `access_log_format`: text with `%(x)s` atoms.
+///
+/// | atom | value |
+/// | --- | --- |
+/// | `h` | client address | `l` | `-` | `u` | user (the credential's subject) |
+/// | `t` | `[28/Nov/2026:05:53:34 +0000]` | `r` | request line | `m` `U` `q` `H` | method, path, query, protocol |
+/// | `s` | status | `B` | body bytes sent | `b` | the same, `-` for none |
+/// | `f` | referer | `a` | user agent | `T` `M` `D` `L` | duration in s, ms, µs, decimal s |
+/// | `p` | worker pid | `{name}i` | a request header | `{name}o` | a response header |
+///
+/// `%%` is a literal `%`. An unknown atom is a configuration error.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessFormat {
+    pieces: Vec<Piece>,
+    request_headers: Vec<HeaderName>,
+    response_headers: Vec<HeaderName>,
+}
+
+const ATOMS: &str = "hlutrmUqHsBbfaTMDLp";
+
+impl AccessFormat {
+    pub fn parse(format: &str) -> Result<Self, String> {
+        let mut parsed = Self {
+            pieces: Vec::new(),
+            request_headers: Vec::new(),
+            response_headers: Vec::new(),
+        };
+        let mut text = String::new();
+        let mut rest = format;
+        while let Some(at) = rest.find('%') {
+            text.push_str(&rest[..at]);
+            rest = &rest[at + 1..];
+            if let Some(after) = rest.strip_prefix('%') {
+                text.push('%');
+                rest = after;
+                continue;
+            }
+            let inner = rest
+                .strip_prefix('(')
+                .and_then(|r| r.split_once(")s"))
+                .ok_or_else(|| format!("a % not followed by (atom)s at {:?}", truncate(rest)))?;
+            let (atom, after) = inner;
+            rest = after;
+            if !text.is_empty() {
+                parsed.pieces.push(Piece::Text(std::mem::take(&mut text)));
+            }
+            let piece = parsed.atom(atom)?;
+            parsed.pieces.push(piece);
+        }
+        text.push_str(rest);
+        if !text.is_empty() {
+            parsed.pieces.push(Piece::Text(text));
+        }
+        Ok(parsed)
+    }
+
+    fn atom(&mut self, atom: &str) -> Result<Piece, String> {
+        let header = |name: &str| {
+            HeaderName::try_from(name).map_err(|_| format!("{name:?} is not a header name"))
+        };
+        if let Some(name) = atom.strip_prefix('{') {
+            let (name, kind) = name
+                .split_once('}')
+                .ok_or_else(|| format!("%({atom})s: an unclosed {{"))?;
+            return match kind {
+                "i" => {
+                    self.request_headers.push(header(name)?);
+                    Ok(Piece::RequestHeader(self.request_headers.len() - 1))
+                }
+                "o" => {
+                    self.response_headers.push(header(name)?);
+                    Ok(Piece::ResponseHeader(self.response_headers.len() - 1))
+                }
+                _ => Err(format!(
+                    "%({atom})s: only request ({{name}}i) and response ({{name}}o) headers are known"
+                )),
+            };
+        }
+        let mut chars = atom.chars();
+        match (chars.next(), chars.next()) {
+            (Some(c), None) if ATOMS.contains(c) => Ok(Piece::Atom(c)),
+            _ => Err(format!(
+                "%({atom})s is not one of Gunicorn's atoms ({ATOMS}, {{header}}i, {{header}}o)"
+            )),
+        }
+    }
+
+    /// The line of `entry` at `now`.
+    pub fn render(&self, entry: &AccessEntry<'_>, now: SystemTime) -> String {
+        let mut out = String::with_capacity(256);
+        let dash = |v: Option<&str>| v.map_or_else(|| "-".to_owned(), escape);
+        let (path, query) = entry.target.split_once('?').unwrap_or((entry.target, ""));
+        for piece in &self.pieces {
+            let value = match piece {
+                Piece::Text(text) => {
+                    out.push_str(text);
+                    continue;
+                }
+                Piece::RequestHeader(i) => {
+                    dash(entry.request_headers.get(*i).and_then(Option::as_deref))
+                }
+                Piece::ResponseHeader(i) => {
+                    dash(entry.response_headers.get(*i).and_then(Option::as_deref))
+                }
+                Piece::Atom(atom) => match atom {
+                    'h' => entry
+                        .peer
+                        .map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
+                    'l' => "-".to_owned(),
+                    'u' => dash(entry.user),
+                    't' => format!("[{}]", clf_time(now)),
+                    'r' => format!(
+                        "{} {} {}",
+                        entry.method,
+                        escape(entry.target),
+                        entry.version
+                    ),
+                    'm' => entry.method.to_owned(),
+                    'U' => escape(path),
+                    'q' => escape(query),
+                    'H' => entry.version.to_owned(),
+                    's' => entry.status.to_string(),
+                    'B' => entry.bytes.unwrap_or(0).to_string(),
+                    'b' => entry
+                        .bytes
+                        .filter(|&b| b > 0)
+                        .map_or_else(|| "-".to_owned(), |b| b.to_string()),
+                    'f' => dash(entry.referer),
+                    'a' => dash(entry.user_agent),
+                    'T' => entry.duration.as_secs().to_string(),
+                    'M' => entry.duration.as_millis().to_string(),
+                    'D' => entry.duration.as_micros().to_string(),
+                    'L' => format!("{:.6}", entry.duration.as_secs_f64()),
+                    'p' => format!("<{}>", entry.pid),
+                    _ => String::new(),
+                },
+            };
+            out.push_str(&value);
+        }
+        out
+    }
+}
+
+/// The values of `names` in `headers` (printable text only).
+pub fn header_values(headers: &HeaderMap, names: &[HeaderName]) -> Vec<Option<String>> {
+    names
+        .iter()
+        .map(|n| {
+            headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+fn truncate(text: &str) -> &str {
+    let end = text.char_indices().nth(12).map_or(text.len(), |(i, _)| i);
+    &text[..end]
 }
 
 impl AccessEntry<'_> {
@@ -120,6 +316,8 @@ impl AccessEntry<'_> {
             "user_agent": self.user_agent,
             "duration_ms": self.duration.as_secs_f64() * 1000.0,
             "request_id": self.request_id,
+            "user": self.user,
+            "pid": self.pid,
         })
         .to_string()
     }
@@ -191,6 +389,10 @@ mod tests {
             user_agent: Some("curl/8"),
             duration: Duration::from_millis(3),
             request_id: "ab-1",
+            user: Some("alice"),
+            pid: 42,
+            request_headers: &[Some("fr".to_owned())],
+            response_headers: &[None],
         };
         let line = entry.format(UNIX_EPOCH);
         assert_eq!(
@@ -204,5 +406,37 @@ mod tests {
         assert_eq!(json["bytes"], 12);
         assert_eq!(json["referer"], serde_json::Value::Null);
         assert_eq!(json["request_id"], "ab-1");
+    }
+
+    #[test]
+    fn gunicorns_atoms_render_and_unknown_ones_are_refused() {
+        let format = AccessFormat::parse(
+            r#"%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s %(U)s?%(q)s %(M)sms %(p)s %({accept-language}i)s %({x-cache}o)s 100%%"#,
+        )
+        .expect("parses");
+        assert_eq!(format.request_headers, ["accept-language"]);
+        let entry = AccessEntry {
+            peer: Some(std::net::Ipv4Addr::LOCALHOST.into()),
+            method: "GET",
+            target: "/v1/datasets?x=1",
+            version: "HTTP/1.1",
+            status: 200,
+            bytes: Some(0),
+            referer: None,
+            user_agent: None,
+            duration: Duration::from_millis(12),
+            request_id: "id",
+            user: Some("alice"),
+            pid: 42,
+            request_headers: &[Some("fr".to_owned())],
+            response_headers: &[None],
+        };
+        assert_eq!(
+            format.render(&entry, UNIX_EPOCH),
+            r#"127.0.0.1 - alice [01/Jan/1970:00:00:00 +0000] "GET /v1/datasets?x=1 HTTP/1.1" 200 - /v1/datasets?x=1 12ms <42> fr - 100%"#
+        );
+        for bad in ["%(z)s", "%(hh)s", "%h", "%({x}e)s", "%({a b}i)s", "%(h"] {
+            assert!(AccessFormat::parse(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -151,6 +151,9 @@ async fn front_line(State(state): State<Arc<AppState>>, request: Request, next: 
                 match crate::login::check(&state, &mut request) {
                     Err(e) => e.into_response(),
                     Ok(limits) => {
+                        if let Some(principal) = request.extensions().get::<Principal>() {
+                            ending.set_user(&principal.subject);
+                        }
                         ending.hold(state.count(&request));
                         let mut response = next.run(request).await;
                         if let Some(limits) = limits {

@@ -65,6 +65,7 @@ mod state;
 mod stream;
 mod tally;
 
+pub use access_log::AccessFormat;
 pub use auth::{Scope, check_users_file, hash_password, key_digest};
 pub use logfile::LogFile;
 pub use server::{EXIT_BOOT_FAILED, run, sandbox_probe};

@@ -278,7 +278,13 @@ async fn serve(
     let access_log = match settings
         .accesslog
         .clone()
-        .map(|target| AccessLog::open(target, settings.log_format))
+        .map(|target| {
+            AccessLog::open(
+                target,
+                settings.log_format,
+                settings.access_log_format.clone(),
+            )
+        })
         .transpose()
     {
         Ok(log) => log,

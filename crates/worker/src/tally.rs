@@ -18,7 +18,7 @@ use ferrocorn_scoreboard::WorkerRecord;
 use http::header;
 use hyper::body::{Frame, SizeHint};
 
-use crate::access_log::AccessEntry;
+use crate::access_log::{AccessEntry, AccessLog, header_values};
 use crate::settings::ForwardedAllow;
 use crate::state::AppState;
 
@@ -95,10 +95,14 @@ pub struct RequestFacts {
     version: &'static str,
     referer: Option<String>,
     user_agent: Option<String>,
+    /// The request headers the access log's format names.
+    headers: Vec<Option<String>>,
+    /// Who sent it, once the front line knows.
+    user: Option<String>,
 }
 
 impl RequestFacts {
-    pub fn of<B>(request: &http::Request<B>, allow: &ForwardedAllow) -> Self {
+    pub fn of<B>(request: &http::Request<B>, allow: &ForwardedAllow, log: &AccessLog) -> Self {
         let header_text = |name: header::HeaderName| {
             request
                 .headers()
@@ -127,6 +131,8 @@ impl RequestFacts {
             },
             referer: header_text(header::REFERER),
             user_agent: header_text(header::USER_AGENT),
+            headers: header_values(request.headers(), log.headers_wanted().0),
+            user: None,
         }
     }
 }
@@ -152,6 +158,8 @@ pub struct Ending {
     request_id: String,
     /// What the access line needs, when there is an access log.
     access: Option<RequestFacts>,
+    /// The response headers the access log's format names.
+    response_headers: Vec<Option<String>>,
     in_flight: Option<InFlight>,
 }
 
@@ -172,7 +180,8 @@ impl Ending {
             access: state
                 .access_log
                 .as_ref()
-                .map(|_| RequestFacts::of(request, &state.settings.auth.forwarded_allow)),
+                .map(|log| RequestFacts::of(request, &state.settings.auth.forwarded_allow, log)),
+            response_headers: Vec::new(),
             in_flight: None,
         }
     }
@@ -181,14 +190,24 @@ impl Ending {
         &self.request_id
     }
 
+    /// The request's credential names `user` (for the access log).
+    pub fn set_user(&mut self, user: &str) {
+        if let Some(facts) = &mut self.access {
+            facts.user = Some(user.to_owned());
+        }
+    }
+
     /// The request was admitted and counts as in flight until its body ends.
     pub fn hold(&mut self, in_flight: InFlight) {
         self.in_flight = Some(in_flight);
     }
 
     /// Wrap `response`'s body so that the response is counted and logged when it ends.
-    pub fn attach(self, response: Response) -> Response {
+    pub fn attach(mut self, response: Response) -> Response {
         let status = response.status().as_u16();
+        if let Some(log) = &self.state.access_log {
+            self.response_headers = header_values(response.headers(), log.headers_wanted().1);
+        }
         response.map(|inner| {
             Body::new(Tallied {
                 inner,
@@ -208,32 +227,33 @@ impl Ending {
             took,
         );
         if let (Some(log), Some(facts)) = (&self.state.access_log, &self.access) {
-            log.write_entry(
-                &entry(facts, status, sent, took, &self.request_id),
-                SystemTime::now(),
-            );
+            log.write_entry(&self.entry(facts, status, sent, took), SystemTime::now());
         }
     }
-}
 
-fn entry<'a>(
-    facts: &'a RequestFacts,
-    status: u16,
-    sent: u64,
-    took: Duration,
-    request_id: &'a str,
-) -> AccessEntry<'a> {
-    AccessEntry {
-        peer: facts.peer,
-        method: &facts.method,
-        target: &facts.target,
-        version: facts.version,
-        status,
-        bytes: Some(sent),
-        referer: facts.referer.as_deref(),
-        user_agent: facts.user_agent.as_deref(),
-        duration: took,
-        request_id,
+    fn entry<'a>(
+        &'a self,
+        facts: &'a RequestFacts,
+        status: u16,
+        sent: u64,
+        took: Duration,
+    ) -> AccessEntry<'a> {
+        AccessEntry {
+            peer: facts.peer,
+            method: &facts.method,
+            target: &facts.target,
+            version: facts.version,
+            status,
+            bytes: Some(sent),
+            referer: facts.referer.as_deref(),
+            user_agent: facts.user_agent.as_deref(),
+            duration: took,
+            request_id: &self.request_id,
+            user: facts.user.as_deref(),
+            pid: self.state.pid,
+            request_headers: &facts.headers,
+            response_headers: &self.response_headers,
+        }
     }
 }
 
