@@ -643,3 +643,77 @@ fn logs_in_json_and_access_lines_in_gunicorns_atoms() {
     assert_eq!(status.code(), Some(64), "{stderr}");
     assert!(stderr.contains("access_log_format"), "{stderr}");
 }
+
+#[test]
+fn server_status_lists_every_worker_for_a_script_and_a_person() {
+    let server = Setup::new().with_sample_data().start();
+    let addr = server.addr();
+    poll_until("RSS sampled", Duration::from_secs(10), || {
+        let rss = scrape(addr).per_worker("ferrocorn_worker_resident_memory_bytes");
+        (rss.len() == 2 && rss.values().all(|&b| b > 0.0)).then_some(())
+    });
+    let status = get(addr, "/server-status").expect("status").json();
+    let workers = status["workers"].as_array().expect("workers");
+    let pids: std::collections::BTreeSet<i32> = workers
+        .iter()
+        .map(|w| w["pid"].as_i64().expect("pid") as i32)
+        .collect();
+    assert_eq!(pids, server.workers());
+    for worker in workers {
+        assert_eq!(worker["state"], "ready");
+        assert_eq!(worker["generation"], 1);
+        assert!(
+            worker["rss_bytes"].as_u64().is_some_and(|b| b > 0),
+            "{worker}"
+        );
+        assert!(
+            worker["heartbeat_age_seconds"]
+                .as_f64()
+                .is_some_and(|a| a < 5.0)
+        );
+    }
+    // The answering worker is serving this very request.
+    let serving: Vec<&serde_json::Value> =
+        workers.iter().filter(|w| !w["serving"].is_null()).collect();
+    assert_eq!(serving.len(), 1, "{status}");
+    assert_eq!(serving[0]["serving"], "GET /server-status");
+    assert!(serving[0]["serving_seconds"].as_f64().is_some());
+
+    let page =
+        crate::support::get_with(addr, "/server-status", &[("Accept", "text/html")]).expect("page");
+    assert!(
+        page.header("content-type")
+            .is_some_and(|t| t.starts_with("text/html"))
+    );
+    let html = String::from_utf8_lossy(&page.body);
+    assert!(html.contains("<table"), "{html}");
+    assert!(
+        pids.iter()
+            .all(|pid| html.contains(&format!("<td>{pid}</td>"))),
+        "{html}"
+    );
+}
+
+#[test]
+fn server_status_needs_the_admin_scope_in_production() {
+    let (server, _) = crate::auth::production_pool_with(Setup::new());
+    let addr = server.addr();
+    assert_eq!(get(addr, "/server-status").expect("anonymous").status, 401);
+    let alice = crate::auth::token(&server, "alice");
+    let refused = crate::support::get_with(
+        addr,
+        "/server-status",
+        &[("Authorization", &format!("Bearer {alice}"))],
+    )
+    .expect("alice");
+    assert_eq!(refused.status, 403);
+    let root = crate::auth::token(&server, "root");
+    let allowed = crate::support::get_with(
+        addr,
+        "/server-status",
+        &[("Authorization", &format!("Bearer {root}"))],
+    )
+    .expect("root");
+    assert_eq!(allowed.status, 200);
+    assert_eq!(allowed.json()["workers"].as_array().map(Vec::len), Some(2));
+}

@@ -301,7 +301,8 @@ pub struct Config {
     pub errorlog: Option<PathBuf>,
     pub accesslog: Option<AccessLogTarget>,
     pub log_format: LogFormat,
-    pub access_log_format: Option<AccessFormat>,
+    /// Gunicorn's `access_log_format`, checked by [`AccessFormat::parse`].
+    pub access_log_format: Option<String>,
     /// `environment = "production"`.
     pub production: bool,
     pub secret_key: Option<String>,
@@ -669,12 +670,10 @@ impl Config {
                 ));
             }
         };
-        let access_log_format = raw
-            .access_log_format
-            .as_deref()
-            .map(AccessFormat::parse)
-            .transpose()
-            .map_err(|m| invalid("access_log_format", m))?;
+        let access_log_format = raw.access_log_format.clone();
+        if let Some(format) = &access_log_format {
+            AccessFormat::parse(format).map_err(|m| invalid("access_log_format", m))?;
+        }
         let accesslog = match raw.accesslog.as_deref() {
             None | Some("") => None,
             Some("-") => Some(AccessLogTarget::Stdout),

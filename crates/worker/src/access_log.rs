@@ -37,8 +37,12 @@ impl AccessLog {
     pub fn open(
         target: AccessLogTarget,
         format: LogFormat,
-        custom: Option<AccessFormat>,
+        custom: Option<&str>,
     ) -> io::Result<Self> {
+        let custom = custom
+            .map(AccessFormat::parse)
+            .transpose()
+            .map_err(|m| io::Error::new(io::ErrorKind::InvalidInput, m))?;
         let sink = match target {
             AccessLogTarget::Stdout => Sink::Stdout,
             AccessLogTarget::File(path) => Sink::File(LogFile::open(&path)?),

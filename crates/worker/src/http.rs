@@ -37,6 +37,7 @@ fn documented_routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(list_datasets))
         .routes(routes!(get_dataset))
         .routes(routes!(crate::metrics::metrics))
+        .routes(routes!(crate::status::server_status))
         .routes(routes!(crate::login::post_token))
         .split_for_parts()
 }

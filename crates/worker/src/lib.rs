@@ -30,6 +30,7 @@
 //! - `tally`: the end of a response: the pool's request table and the access line, written
 //!   when its last byte is sent.
 //! - `metrics`: `/metrics` for the whole pool.
+//! - `status`: `/server-status`, the workers as the scoreboard shows them.
 //! - `http`: the router, the front-line middleware and the other endpoints.
 //! - `server`: the lifecycle (booting → ready → draining → exited), the accept loop with its
 //!   connection cap, per-connection hyper settings (keep-alive, header timeout, limits), drain.
@@ -62,6 +63,7 @@ mod sandbox;
 mod server;
 mod settings;
 mod state;
+mod status;
 mod stream;
 mod tally;
 

@@ -122,6 +122,7 @@ fn needed(path: &str) -> Option<&'static [Scope]> {
         "/healthz" | "/readyz" | "/v1/auth/token" => None,
         "/v1/query" => Some(&[Scope::Query]),
         "/metrics" => Some(&[Scope::Metrics]),
+        "/server-status" => Some(&[Scope::Admin]),
         p if p == "/v1/datasets" || p.starts_with("/v1/datasets/") => {
             Some(&[Scope::Datasets, Scope::Query])
         }

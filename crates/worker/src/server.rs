@@ -282,7 +282,7 @@ async fn serve(
             AccessLog::open(
                 target,
                 settings.log_format,
-                settings.access_log_format.clone(),
+                settings.access_log_format.as_deref(),
             )
         })
         .transpose()

@@ -35,8 +35,9 @@ pub struct WorkerSettings {
     /// Where to write one line per request (`accesslog`); `None` for nowhere.
     pub accesslog: Option<AccessLogTarget>,
     pub log_format: LogFormat,
-    /// Gunicorn's `access_log_format`, if set.
-    pub access_log_format: Option<crate::access_log::AccessFormat>,
+    /// Gunicorn's `access_log_format`, if set (validated by the supervisor; see
+    /// `AccessFormat`).
+    pub access_log_format: Option<String>,
     /// The pool's result cache (`result_cache`); `None` when it is off.
     pub result_cache: Option<ResultCacheSettings>,
     /// Whether the kernel's sandbox is required (`sandbox`).
