@@ -717,3 +717,77 @@ fn server_status_needs_the_admin_scope_in_production() {
     assert_eq!(allowed.status, 200);
     assert_eq!(allowed.json()["workers"].as_array().map(Vec::len), Some(2));
 }
+
+#[test]
+fn the_control_command_lists_scales_and_reloads_the_pool() {
+    let server = Setup::new().with_sample_data().start();
+    let control = |args: &[&str]| {
+        let output = std::process::Command::new(crate::support::BIN)
+            .arg("--config")
+            .arg(server.setup.config_path())
+            .args(args)
+            .current_dir(server.setup.dir.path())
+            .output()
+            .expect("ferrocorn");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = control(&["status"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("2/2 workers ready, generation 1"), "{out}");
+    for pid in server.workers() {
+        assert!(out.contains(&format!(" {pid} ready ")), "{pid} in {out}");
+    }
+
+    let (code, out, _) = control(&["scale", "3"]);
+    assert_eq!((code, out.trim()), (Some(0), "scaling from 2 to 3 workers"));
+    poll_until("three workers", Duration::from_secs(60), || {
+        control(&["status"])
+            .1
+            .starts_with("3/3 workers ready")
+            .then_some(())
+    });
+
+    // The configuration still says two workers: the reload rolls to it and says when it is done.
+    let (code, out, err) = control(&["reload"]);
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines.first(),
+        Some(&"reload accepted: rolling to generation 2"),
+        "{out}"
+    );
+    assert_eq!(
+        lines.get(1),
+        Some(&"reload complete: 2/2 workers ready, generation 2"),
+        "{out}"
+    );
+
+    // A configuration that does not validate: refused, said so, and the old pool serves on.
+    let text = std::fs::read_to_string(server.setup.config_path()).expect("config");
+    let broken = text.replace("workers = 2", "workers = 0");
+    assert_ne!(broken, text);
+    std::fs::write(server.setup.config_path(), broken).expect("break the config");
+    let (code, out, _) = control(&["reload"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.starts_with("error: reload refused:") && out.contains("workers"),
+        "{out}"
+    );
+    assert!(
+        out.trim_end().ends_with("the running pool is unchanged"),
+        "{out}"
+    );
+    assert_eq!(get(server.addr(), "/healthz").expect("healthz").status, 200);
+    assert!(
+        control(&["status"])
+            .1
+            .starts_with("2/2 workers ready, generation 2")
+    );
+
+    let (code, _, err) = control(&["scale", "0"]);
+    assert_eq!(code, Some(64), "{err}");
+}

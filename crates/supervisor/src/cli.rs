@@ -47,6 +47,21 @@ pub enum Command {
         #[arg(long, value_name = "SECONDS", default_value_t = 3)]
         timeout: u64,
     },
+    /// List the running pool's workers (slot, pid, state, age, requests, in flight, RSS,
+    /// generation), through its control socket (cache_dir/control.sock).
+    Status,
+    /// Reload the running pool (what HUP does) and wait until the roll is complete; a
+    /// configuration that does not validate is reported, and the old pool keeps serving.
+    Reload {
+        /// Seconds to wait for the roll to complete.
+        #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Resize the running pool to N workers (what TTIN and TTOU do, as many times as needed).
+    Scale {
+        /// Workers to run.
+        workers: usize,
+    },
 }
 
 #[derive(Clone, Debug, clap::Subcommand)]

@@ -54,6 +54,7 @@ pub mod accounts;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod keys;
 pub mod listeners;
 pub mod logging;
@@ -115,7 +116,13 @@ pub fn main() -> i32 {
     match &cli.command {
         Some(cli::Command::User(cli::UserCommand::Add(args))) => return accounts::add_user(args),
         Some(cli::Command::Key(cli::KeyCommand::Add(args))) => return accounts::add_key(args),
-        Some(cli::Command::Healthcheck { .. }) | None => {}
+        Some(
+            cli::Command::Healthcheck { .. }
+            | cli::Command::Status
+            | cli::Command::Reload { .. }
+            | cli::Command::Scale { .. },
+        )
+        | None => {}
     }
     let (raw, origins) = match cli.load(&ProcessEnv) {
         Ok(loaded) => loaded,
@@ -124,8 +131,28 @@ pub fn main() -> i32 {
             return EXIT_USAGE;
         }
     };
-    if let Some(cli::Command::Healthcheck { timeout }) = &cli.command {
-        return healthcheck(&raw, std::time::Duration::from_secs((*timeout).max(1)));
+    let seconds = |s: u64| std::time::Duration::from_secs(s.max(1));
+    let request = match &cli.command {
+        Some(cli::Command::Healthcheck { timeout }) => return healthcheck(&raw, seconds(*timeout)),
+        Some(cli::Command::Status) => Some((control::Request::Status, seconds(5))),
+        Some(cli::Command::Reload { timeout }) => {
+            Some((control::Request::Reload, seconds(*timeout)))
+        }
+        Some(cli::Command::Scale { workers }) => {
+            match control::Request::parse(&format!("scale {workers}")) {
+                Ok(request) => Some((request, seconds(5))),
+                Err(e) => {
+                    eprintln!("ferrocorn: {e}");
+                    return EXIT_USAGE;
+                }
+            }
+        }
+        _ => None,
+    };
+    if let Some((request, wait)) = request {
+        let cache_dir =
+            std::path::absolute(raw.cache_dir.clone().unwrap_or_default()).unwrap_or_default();
+        return control::run(&cache_dir, &request, wait);
     }
     if cli.print_config {
         print!("{}", config::render(&raw, &origins));

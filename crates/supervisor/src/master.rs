@@ -27,6 +27,7 @@ use rand::Rng;
 
 use crate::cli::Cli;
 use crate::config::{Config, ProcessEnv, RawConfig, RunAs};
+use crate::control::{self, ControlSocket, Request};
 use crate::listeners::Listeners;
 use crate::pidfile::PidFile;
 use crate::pool::{Action, Event, Notice, Phase, Pool, Timing};
@@ -81,6 +82,9 @@ pub struct Master {
     pidfile: Option<PidFile>,
     /// Held for the master's lifetime: one pool per cache directory.
     _lock: PoolLock,
+    /// `ferrocorn status | reload | scale`, and the clients waiting for a reload to complete.
+    control: Option<ControlSocket>,
+    reload_waiters: Vec<std::os::unix::net::UnixStream>,
     exit_code: Option<i32>,
     /// When `/proc` was last sampled; whether the pool is over 90 % of its memory budget.
     last_sample: Option<Instant>,
@@ -125,6 +129,8 @@ impl Master {
         let scoreboard =
             Scoreboard::map().map_err(|e| StartError::Os("mapping the scoreboard", e))?;
         let lock = PoolLock::acquire(&config.cache_dir).map_err(StartError::Locked)?;
+        let control = ControlSocket::bind(&config.cache_dir)
+            .map_err(|e| StartError::Os("binding the control socket", e))?;
         let listeners = Listeners::bind(&config, config.workers).map_err(StartError::Bind)?;
         if let Some(run_as) = &config.run_as {
             hand_over(&config, run_as)
@@ -160,6 +166,8 @@ impl Master {
             }),
             pidfile,
             _lock: lock,
+            control: Some(control),
+            reload_waiters: Vec::new(),
             exit_code: None,
             last_sample: None,
             over_budget: false,
@@ -178,11 +186,13 @@ impl Master {
             }
             self.wait();
             self.handle_signals();
+            self.handle_control();
             self.reap();
             self.observe();
             self.sample();
             self.dispatch(Event::Tick);
             self.feed_watchdog();
+            self.answer_reload_waiters();
         }
     }
 
@@ -299,10 +309,13 @@ impl Master {
 
     fn wait(&mut self) {
         let Some(fds) = &self.fds else { return };
-        let mut poll_fds = [
+        let mut poll_fds = vec![
             PollFd::new(fds.signals.as_fd(), PollFlags::POLLIN),
             PollFd::new(fds.wake_read.as_fd(), PollFlags::POLLIN),
         ];
+        if let Some(control) = &self.control {
+            poll_fds.push(PollFd::new(control.listener().as_fd(), PollFlags::POLLIN));
+        }
         let timeout = PollTimeout::try_from(TICK).unwrap_or(PollTimeout::NONE);
         match poll(&mut poll_fds, timeout) {
             Ok(_) | Err(Errno::EINTR) => {}
@@ -328,7 +341,9 @@ impl Master {
             match signal {
                 Signal::SIGTERM => self.dispatch(Event::Stop { quick: false }),
                 Signal::SIGINT | Signal::SIGQUIT => self.dispatch(Event::Stop { quick: true }),
-                Signal::SIGHUP => self.reload(),
+                Signal::SIGHUP => {
+                    let _ = self.reload();
+                }
                 Signal::SIGTTIN => self.dispatch(Event::Grow),
                 Signal::SIGTTOU => self.dispatch(Event::Shrink),
                 Signal::SIGUSR1 => {
@@ -346,9 +361,115 @@ impl Master {
         }
     }
 
-    fn reload(&mut self) {
-        if matches!(self.pool.phase(), Phase::Stopping | Phase::Exited) {
+    /// Serve the control socket's waiting commands.
+    fn handle_control(&mut self) {
+        let Some(control) = &self.control else { return };
+        for (stream, request) in control.accept_all() {
+            match request {
+                Err(e) => control::finish(&stream, &format!("error: {e}")),
+                Ok(Request::Status) => control::finish(&stream, &self.status_text()),
+                Ok(Request::Reload) => match self.reload() {
+                    Ok(()) => {
+                        control::answer(
+                            &stream,
+                            &format!(
+                                "reload accepted: rolling to generation {}",
+                                self.pool.generation()
+                            ),
+                        );
+                        self.reload_waiters.push(stream);
+                    }
+                    Err(e) => control::finish(&stream, &format!("error: {e}")),
+                },
+                Ok(Request::Scale(n)) => {
+                    let from = self.pool.desired();
+                    control::finish(&stream, &format!("scaling from {from} to {n} workers"));
+                    let event = if n > from { Event::Grow } else { Event::Shrink };
+                    for _ in 0..n.abs_diff(from) {
+                        self.dispatch(event.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tell the clients of a reload that it is complete, once it is.
+    fn answer_reload_waiters(&mut self) {
+        if self.reload_waiters.is_empty() || self.pool.reloading() {
             return;
+        }
+        let text = format!(
+            "reload complete: {}/{} workers ready, generation {}",
+            self.pool.serving(),
+            self.pool.desired(),
+            self.pool.generation()
+        );
+        for stream in self.reload_waiters.drain(..) {
+            control::finish(&stream, &text);
+        }
+    }
+
+    /// The workers, a line each, for `ferrocorn status`.
+    fn status_text(&self) -> String {
+        let now_ms = monotonic_ms();
+        let mut rows: Vec<(usize, String)> = self
+            .children
+            .iter()
+            .map(|(pid, child)| {
+                let r = self.record(child.record);
+                let state = match r.state() {
+                    RecordState::Booting => "booting",
+                    RecordState::Ready => "ready",
+                    RecordState::Draining => "draining",
+                    RecordState::BootFailed => "boot_failed",
+                    RecordState::Free => "exited",
+                };
+                let line = format!(
+                    "{:>4} {:>8} {:<9} {:>7.0} {:>8} {:>9} {:>7} {:>10}",
+                    r.slot(),
+                    pid.as_raw(),
+                    state,
+                    now_ms.saturating_sub(r.started_ms()) as f64 / 1000.0,
+                    r.requests(),
+                    r.in_flight(),
+                    r.rss_bytes() >> 20,
+                    r.generation()
+                );
+                (r.slot(), line)
+            })
+            .collect();
+        rows.sort();
+        let mut text = format!(
+            "{}/{} workers ready, generation {}{}\n{:>4} {:>8} {:<9} {:>7} {:>8} {:>9} {:>7} {:>10}\n",
+            self.pool.serving(),
+            self.pool.desired(),
+            self.pool.generation(),
+            if self.pool.reloading() {
+                ", reloading"
+            } else {
+                ""
+            },
+            "slot",
+            "pid",
+            "state",
+            "age_s",
+            "requests",
+            "in_flight",
+            "rss_mib",
+            "generation"
+        );
+        for (_, line) in rows {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    }
+
+    /// Re-read the configuration and roll the pool to it; `Err` says why it is refused (the
+    /// running pool then is unchanged).
+    fn reload(&mut self) -> Result<(), String> {
+        if matches!(self.pool.phase(), Phase::Stopping | Phase::Exited) {
+            return Err("the pool is stopping".to_owned());
         }
         // A key that needs the sockets or the logger re-created keeps its running value.
         let loaded = self.cli.load(&ProcessEnv).map_err(|e| e.to_string());
@@ -359,14 +480,18 @@ impl Master {
             }
             Err(e) => {
                 tracing::error!(error = %e, "reload: invalid configuration; the running pool is unchanged");
-                return;
+                return Err(format!(
+                    "reload refused: {e}; the running pool is unchanged"
+                ));
             }
         };
         let new = match Config::resolve(&raw) {
             Ok(config) => config,
             Err(e) => {
                 tracing::error!(error = %e, "reload: invalid configuration; the running pool is unchanged");
-                return;
+                return Err(format!(
+                    "reload refused: {e}; the running pool is unchanged"
+                ));
             }
         };
         if !kept.is_empty() {
@@ -378,6 +503,7 @@ impl Master {
             workers: self.config.workers,
             timing: timing(&self.config),
         });
+        Ok(())
     }
 
     /// Reap every exited child (any child: as PID 1 the master also reaps orphans).
@@ -720,6 +846,11 @@ impl Master {
         // The pid file is the master's: forget it without the Drop that would remove it.
         std::mem::forget(self.pidfile.take());
         self.fds = None;
+        // The socket file is the master's: close the descriptor without removing the file.
+        if let Some(control) = self.control.take() {
+            control.close_in_child();
+        }
+        self.reload_waiters.clear();
         self.retiring.clear();
         self.children.clear();
         self.listeners = Listeners::empty();

@@ -281,6 +281,11 @@ impl Pool {
         self.slots.iter().filter(|s| s.serving.is_some()).count()
     }
 
+    /// Whether a reload's roll is under way.
+    pub fn reloading(&self) -> bool {
+        self.reload_pending
+    }
+
     /// The pool's size as it should be (workers split the memory budget by it).
     pub fn desired(&self) -> usize {
         self.desired
