@@ -791,3 +791,66 @@ fn the_control_command_lists_scales_and_reloads_the_pool() {
     let (code, _, err) = control(&["scale", "0"]);
     assert_eq!(code, Some(64), "{err}");
 }
+
+#[test]
+fn socket_activation_serves_the_connection_that_started_the_pool() {
+    use std::os::unix::process::CommandExt;
+    // A free port for systemd-socket-activate to listen on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let setup = Setup::new().with_sample_data();
+    setup.write_config();
+    let log = setup.path("server.log");
+    let listen = format!("127.0.0.1:{port}");
+    let mut activator = std::process::Command::new("systemd-socket-activate")
+        .args(["--listen", &listen, crate::support::BIN, "--config"])
+        .arg(setup.config_path())
+        .current_dir(setup.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .process_group(0)
+        .spawn()
+        .expect("systemd-socket-activate (Debian's systemd package)");
+    struct Group(i32);
+    impl Drop for Group {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-self.0), Signal::SIGKILL);
+        }
+    }
+    let _group = Group(activator.id() as i32);
+    let addr: std::net::SocketAddr = listen.parse().expect("addr");
+    // The first connection starts the pool and waits in the socket's queue until it serves it.
+    let connected = poll_until("the activator listening", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(addr).ok()
+    });
+    drop(connected);
+    let first = poll_until(
+        "an answer through the passed socket",
+        Duration::from_secs(60),
+        || get(addr, "/readyz").ok().filter(|r| r.status == 200),
+    );
+    assert_eq!(first.json()["status"], "ready");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains("socket activation"), "{text}");
+    // The configured bind (port 0 of the test's setup) was not used: only the passed socket.
+    assert!(
+        text.lines()
+            .filter(|l| l.contains("listening address="))
+            .all(|l| l.contains(&listen)),
+        "{text}"
+    );
+    let master = crate::support::children_of(activator.id() as i32);
+    // systemd-socket-activate execs the command: the activator's pid is the master's.
+    assert!(master.len() == 2, "the master's workers: {master:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(activator.id() as i32),
+        Signal::SIGTERM,
+    )
+    .expect("term");
+    let status = poll_until("the master to exit", Duration::from_secs(30), || {
+        activator.try_wait().ok().flatten()
+    });
+    assert_eq!(status.code(), Some(0));
+}

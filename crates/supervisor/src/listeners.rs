@@ -46,6 +46,8 @@ enum Bound {
 pub struct Listeners {
     bound: Vec<Bound>,
     backlog: i32,
+    /// The sockets came from systemd (socket activation): their files are not ours to remove.
+    activated: bool,
 }
 
 impl Listeners {
@@ -102,7 +104,42 @@ impl Listeners {
         Ok(Self {
             bound,
             backlog: config.backlog,
+            activated: false,
         })
+    }
+
+    /// The sockets systemd passed, if it socket-activated this process: they replace the
+    /// configured binds, each shared by every worker (systemd passes one socket per address).
+    pub fn activated(config: &Config) -> io::Result<Option<Self>> {
+        let fds = sys::activated_listeners()?;
+        if fds.is_empty() {
+            return Ok(None);
+        }
+        let mut bound = Vec::with_capacity(fds.len());
+        for fd in fds {
+            let socket = Socket::from(fd);
+            let local = socket.local_addr()?;
+            let addr = match (local.as_socket(), local.as_pathname()) {
+                (Some(addr), _) => BindAddr::Tcp(addr),
+                (None, Some(path)) => BindAddr::Unix(path.to_owned()),
+                (None, None) => {
+                    return Err(io::Error::other(
+                        "systemd passed a socket that is neither TCP nor a unix path",
+                    ));
+                }
+            };
+            bound.push(Bound::Shared { addr, socket });
+        }
+        Ok(Some(Self {
+            bound,
+            backlog: config.backlog,
+            activated: true,
+        }))
+    }
+
+    /// Whether the sockets came from systemd.
+    pub fn is_activated(&self) -> bool {
+        self.activated
     }
 
     /// No sockets (what a forked worker keeps of the master's set: it has its own duplicates).
@@ -110,6 +147,7 @@ impl Listeners {
         Self {
             bound: Vec::new(),
             backlog: 0,
+            activated: false,
         }
     }
 
@@ -225,6 +263,9 @@ impl Listeners {
 
     /// Remove the unix socket files (at exit).
     pub fn remove_socket_files(&self) {
+        if self.activated {
+            return;
+        }
         for bound in &self.bound {
             if let Bound::Shared {
                 addr: BindAddr::Unix(path),

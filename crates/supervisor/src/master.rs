@@ -131,7 +131,17 @@ impl Master {
         let lock = PoolLock::acquire(&config.cache_dir).map_err(StartError::Locked)?;
         let control = ControlSocket::bind(&config.cache_dir)
             .map_err(|e| StartError::Os("binding the control socket", e))?;
-        let listeners = Listeners::bind(&config, config.workers).map_err(StartError::Bind)?;
+        let listeners = match Listeners::activated(&config)
+            .map_err(|e| StartError::Os("adopting systemd's sockets", e))?
+        {
+            Some(activated) => activated,
+            None => Listeners::bind(&config, config.workers).map_err(StartError::Bind)?,
+        };
+        if listeners.is_activated() {
+            tracing::info!(
+                "socket activation: listening on the sockets systemd passed, not on bind"
+            );
+        }
         if let Some(run_as) = &config.run_as {
             hand_over(&config, run_as)
                 .map_err(|e| StartError::Os("giving the workers' user its files", e))?;

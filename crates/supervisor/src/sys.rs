@@ -109,6 +109,20 @@ pub fn accept_queue(listener: BorrowedFd<'_>) -> io::Result<u32> {
     }
 }
 
+/// The listening sockets systemd passed (socket activation: `LISTEN_FDS` for this process's
+/// `LISTEN_PID`), owned from here on; none when the process was not socket-activated.
+pub fn activated_listeners() -> io::Result<Vec<std::os::fd::OwnedFd>> {
+    use std::os::fd::FromRawFd;
+    let fds: Vec<_> = sd_notify::listen_fds()?.collect();
+    Ok(fds
+        .into_iter()
+        // SAFETY: systemd passed these descriptors to this process (LISTEN_PID is ours) from fd
+        // 3 on; nothing else in the process has claimed them, and this function runs once,
+        // at start-up, so each is owned exactly once.
+        .map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsFd;
