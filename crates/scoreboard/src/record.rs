@@ -22,6 +22,17 @@ pub enum RecordState {
 }
 
 impl RecordState {
+    /// Its name, as `/server-status`, `ferrocorn status` and `/metrics` show it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Free => "free",
+            Self::Booting => "booting",
+            Self::Ready => "ready",
+            Self::Draining => "draining",
+            Self::BootFailed => "boot_failed",
+        }
+    }
+
     fn from_u32(value: u32) -> Self {
         match value {
             1 => Self::Booting,

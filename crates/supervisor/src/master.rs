@@ -427,13 +427,7 @@ impl Master {
             .iter()
             .map(|(pid, child)| {
                 let r = self.record(child.record);
-                let state = match r.state() {
-                    RecordState::Booting => "booting",
-                    RecordState::Ready => "ready",
-                    RecordState::Draining => "draining",
-                    RecordState::BootFailed => "boot_failed",
-                    RecordState::Free => "exited",
-                };
+                let state = r.state().label();
                 let line = format!(
                     "{:>4} {:>8} {:<9} {:>7.0} {:>8} {:>9} {:>7} {:>10}",
                     r.slot(),

@@ -41,23 +41,13 @@ pub struct ServerStatus {
     pub workers: Vec<WorkerStatus>,
 }
 
-fn state_name(state: RecordState) -> &'static str {
-    match state {
-        RecordState::Booting => "booting",
-        RecordState::Ready => "ready",
-        RecordState::Draining => "draining",
-        RecordState::BootFailed => "boot_failed",
-        RecordState::Free => "free",
-    }
-}
-
 fn describe(record: &WorkerRecord, now_ms: u64) -> WorkerStatus {
     let seconds = |since: u64| now_ms.saturating_sub(since) as f64 / 1000.0;
     let busy = record.in_flight() > 0;
     WorkerStatus {
         slot: record.slot(),
         pid: record.pid(),
-        state: state_name(record.state()),
+        state: record.state().label(),
         generation: record.generation(),
         age_seconds: seconds(record.started_ms()),
         requests: record.requests(),
