@@ -540,6 +540,11 @@ fn workers_drop_to_the_configured_user_while_the_master_keeps_its_own() {
         let groups = crate::support::proc_status(*pid, "Groups").expect("status");
         assert_eq!(groups, nobody.gid.to_string(), "supplementary groups");
     }
+    // The control socket stays the master's: a worker cannot reload or resize its pool.
+    let socket =
+        std::path::Path::new(server.setup.keys["cache_dir"].trim_matches('"')).join("control.sock");
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&socket).expect("socket"));
+    assert_eq!(owner, 0, "{}", socket.display());
     // It still serves, snapshots and the result cache included (cache_dir is the user's).
     let answered = query(&server, "SELECT count(*) AS n FROM orders", None);
     assert_eq!(answered.status, 200, "{:?}", answered.json());

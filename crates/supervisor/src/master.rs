@@ -893,7 +893,8 @@ fn drop_privileges(run_as: &RunAs) -> nix::Result<()> {
 
 /// Give the workers' user what it must write: the cache directory (recursively: snapshots and
 /// results from earlier runs) and the log files (created if missing), which workers reopen on
-/// SIGUSR1. The lock file stays the master's.
+/// SIGUSR1. The lock file and the control socket stay the master's (a worker must not be able
+/// to reload or resize its own pool).
 fn hand_over(config: &Config, run_as: &RunAs) -> std::io::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         return Ok(());
@@ -911,7 +912,10 @@ fn hand_over(config: &Config, run_as: &RunAs) -> std::io::Result<()> {
             let kind = entry.file_type()?;
             if kind.is_dir() {
                 walk(&entry.path(), owner)?;
-            } else if !kind.is_symlink() && entry.file_name() != crate::pool_lock::LOCK_FILE {
+            } else if !kind.is_symlink()
+                && entry.file_name() != crate::pool_lock::LOCK_FILE
+                && entry.file_name() != crate::control::SOCKET_NAME
+            {
                 owner(&entry.path())?;
             }
         }
