@@ -24,10 +24,14 @@ pub struct Limits {
 const V1_UNLIMITED: u64 = 1 << 62;
 
 impl Limits {
-    /// The limits of this process's group.
+    /// The limits of this process's group, read once per process (the defaults of several keys
+    /// and the configuration's CPU count all ask, at every load and reload).
     pub fn detect() -> Self {
-        let membership = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-        Self::read(&membership, Path::new("/sys/fs/cgroup"))
+        static DETECTED: std::sync::OnceLock<Limits> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            let membership = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+            Self::read(&membership, Path::new("/sys/fs/cgroup"))
+        })
     }
 
     /// The limits for `membership` (the text of `/proc/self/cgroup`) under the hierarchy mounted
