@@ -23,8 +23,8 @@ use crate::settings::{AccessLogTarget, LogFormat};
 pub struct AccessLog {
     sink: Sink,
     format: LogFormat,
-    /// Gunicorn's `access_log_format`, if the operator set one (text lines only).
-    custom: Option<AccessFormat>,
+    /// The text lines' format: the operator's `access_log_format`, else [`AccessFormat::combined`].
+    text: AccessFormat,
 }
 
 #[derive(Debug)]
@@ -50,15 +50,13 @@ impl AccessLog {
         Ok(Self {
             sink,
             format,
-            custom,
+            text: custom.unwrap_or_else(AccessFormat::combined),
         })
     }
 
     /// The custom format's request and response header names (to keep from each request).
     pub fn headers_wanted(&self) -> (&[HeaderName], &[HeaderName]) {
-        self.custom.as_ref().map_or((&[], &[]), |f| {
-            (f.request_headers.as_slice(), f.response_headers.as_slice())
-        })
+        (&self.text.request_headers, &self.text.response_headers)
     }
 
     /// Reopen the file at its path (after logrotate moved it).
@@ -72,10 +70,9 @@ impl AccessLog {
 
     /// Write the line of `entry`, at time `now`, in the log's format.
     pub fn write_entry(&self, entry: &AccessEntry<'_>, now: SystemTime) {
-        match (self.format, &self.custom) {
-            (LogFormat::Json, _) => self.write(&entry.format_json(now)),
-            (LogFormat::Text, Some(custom)) => self.write(&custom.render(entry, now)),
-            (LogFormat::Text, None) => self.write(&entry.format(now)),
+        match self.format {
+            LogFormat::Json => self.write(&entry.format_json(now)),
+            LogFormat::Text => self.write(&self.text.render(entry, now)),
         }
     }
 
@@ -120,6 +117,8 @@ enum Piece {
     Atom(char),
     RequestHeader(usize),
     ResponseHeader(usize),
+    /// The request id (no Gunicorn atom; the built-in format ends with it).
+    RequestId,
 }
 
 /// Gunicorn's `access_log_format`: text with `%(x)s` atoms.
@@ -143,6 +142,16 @@ pub struct AccessFormat {
 const ATOMS: &str = "hlutrmUqHsBbfaTMDLp";
 
 impl AccessFormat {
+    /// The built-in line: Gunicorn's default (the combined log format) with the duration and
+    /// the request id after it.
+    pub fn combined() -> Self {
+        let mut format =
+            Self::parse(r#"%(h)s - - %(t)s "%(r)s" %(s)s %(B)s "%(f)s" "%(a)s" %(M)sms "#)
+                .unwrap_or_else(|e| unreachable!("the built-in access format parses: {e}"));
+        format.pieces.push(Piece::RequestId);
+        format
+    }
+
     pub fn parse(format: &str) -> Result<Self, String> {
         let mut parsed = Self {
             pieces: Vec::new(),
@@ -220,6 +229,7 @@ impl AccessFormat {
                     out.push_str(text);
                     continue;
                 }
+                Piece::RequestId => entry.request_id.to_owned(),
                 Piece::RequestHeader(i) => {
                     dash(entry.request_headers.get(*i).and_then(Option::as_deref))
                 }
@@ -281,28 +291,6 @@ pub fn header_values(headers: &HeaderMap, names: &[HeaderName]) -> Vec<Option<St
 fn truncate(text: &str) -> &str {
     let end = text.char_indices().nth(12).map_or(text.len(), |(i, _)| i);
     &text[..end]
-}
-
-impl AccessEntry<'_> {
-    /// The line, at time `now`.
-    pub fn format(&self, now: SystemTime) -> String {
-        let quoted = |value: Option<&str>| value.map_or_else(|| "-".to_owned(), escape);
-        format!(
-            "{} - - [{}] \"{} {} {}\" {} {} \"{}\" \"{}\" {}ms {}",
-            self.peer
-                .map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
-            clf_time(now),
-            self.method,
-            escape(self.target),
-            self.version,
-            self.status,
-            self.bytes.map_or_else(|| "-".to_owned(), |b| b.to_string()),
-            quoted(self.referer),
-            quoted(self.user_agent),
-            self.duration.as_millis(),
-            self.request_id,
-        )
-    }
 }
 
 impl AccessEntry<'_> {
@@ -398,7 +386,7 @@ mod tests {
             request_headers: &[Some("fr".to_owned())],
             response_headers: &[None],
         };
-        let line = entry.format(UNIX_EPOCH);
+        let line = AccessFormat::combined().render(&entry, UNIX_EPOCH);
         assert_eq!(
             line,
             "127.0.0.1 - - [01/Jan/1970:00:00:00 +0000] \"GET /x?q=\\\"a\\\" HTTP/1.1\" 200 12 \"-\" \"curl/8\" 3ms ab-1"
