@@ -13,3 +13,4 @@ mod ops;
 mod query;
 mod sandbox;
 mod support;
+mod upgrade;

@@ -721,20 +721,7 @@ fn server_status_needs_the_admin_scope_in_production() {
 #[test]
 fn the_control_command_lists_scales_and_reloads_the_pool() {
     let server = Setup::new().with_sample_data().start();
-    let control = |args: &[&str]| {
-        let output = std::process::Command::new(crate::support::BIN)
-            .arg("--config")
-            .arg(server.setup.config_path())
-            .args(args)
-            .current_dir(server.setup.dir.path())
-            .output()
-            .expect("ferrocorn");
-        (
-            output.status.code(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    };
+    let control = |args: &[&str]| server.setup.run_command(args);
     let (code, out, err) = control(&["status"]);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.starts_with("2/2 workers ready, generation 1"), "{out}");

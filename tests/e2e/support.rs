@@ -44,6 +44,8 @@ pub struct Setup {
     pub keys: BTreeMap<String, String>,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// The binary the server is started from ([`BIN`] unless [`Setup::own_binary`]).
+    pub binary: PathBuf,
 }
 
 impl Default for Setup {
@@ -73,7 +75,34 @@ impl Setup {
             keys,
             args: Vec::new(),
             env: Vec::new(),
+            binary: PathBuf::from(BIN),
         }
+    }
+
+    /// Start the server from a copy of the binary in the test's directory, which the test may
+    /// replace (a binary upgrade).
+    pub fn own_binary(mut self) -> Self {
+        let copy = self.path("ferrocorn");
+        std::fs::copy(BIN, &copy).expect("copy the binary");
+        self.binary = copy;
+        self
+    }
+
+    /// Run `ferrocorn --config <this config> args…` (a command that exits by itself, such as
+    /// `status`), from the tested binary whatever the server runs: exit code, stdout, stderr.
+    pub fn run_command(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let output = Command::new(BIN)
+            .arg("--config")
+            .arg(self.config_path())
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run ferrocorn");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
     }
 
     /// Copy the repository's sample dataset (data/sample) into the data directory.
@@ -118,7 +147,7 @@ impl Setup {
 
     fn command(&self) -> Command {
         self.write_config();
-        let mut command = Command::new(BIN);
+        let mut command = Command::new(&self.binary);
         command
             .arg("--config")
             .arg(self.config_path())

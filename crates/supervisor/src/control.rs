@@ -87,12 +87,29 @@ impl ControlSocket {
         Ok(Self { listener, path })
     }
 
+    /// The socket a binary upgrade's predecessor handed over. Its file stays the predecessor's
+    /// (not removed when this is dropped) until [`Self::claim_file`].
+    pub fn adopt(fd: std::os::fd::OwnedFd) -> io::Result<Self> {
+        let listener = UnixListener::from(fd);
+        listener.set_nonblocking(true)?;
+        Ok(Self {
+            listener,
+            path: PathBuf::new(),
+        })
+    }
+
+    /// Take over the socket's file in `cache_dir` (removed when this is dropped).
+    pub fn claim_file(&mut self, cache_dir: &Path) {
+        self.path = cache_dir.join(SOCKET_NAME);
+    }
+
     pub fn listener(&self) -> &UnixListener {
         &self.listener
     }
 
-    /// Close the socket in a forked child, leaving the master's file in place.
-    pub fn close_in_child(mut self) {
+    /// Close the socket and leave its file in place (in a forked child; in a master that hands
+    /// the pool to its successor).
+    pub fn close_keeping_file(mut self) {
         self.path = PathBuf::new();
     }
 

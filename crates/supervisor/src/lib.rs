@@ -19,7 +19,9 @@
 //! - [`logging`]: the log subscriber, reopened on SIGUSR1.
 //! - [`pidfile`]: the atomically written PID file.
 //! - [`pool_lock`]: the exclusive lock that makes a pool the only one on its cache directory.
-//! - [`sys`]: every `unsafe` call of the supervisor (fork, the reuseport BPF program).
+//! - [`sys`]: every `unsafe` call of the supervisor (fork, the reuseport BPF program, claiming
+//!   passed descriptors).
+//! - [`upgrade`]: the binary upgrade (USR2): the hand-off from the old master to the new one.
 //!
 //! # Fork rules
 //!
@@ -63,6 +65,7 @@ pub mod pidfile;
 pub mod pool;
 pub mod pool_lock;
 mod sys;
+pub mod upgrade;
 mod usage;
 
 use std::path::PathBuf;
@@ -90,6 +93,8 @@ pub enum StartError {
     PidFile(PathBuf, std::io::Error),
     #[error("{0}: {1}")]
     Os(&'static str, std::io::Error),
+    #[error("binary upgrade: {0}")]
+    Handoff(String),
 }
 
 impl StartError {
@@ -99,7 +104,7 @@ impl StartError {
             Self::Locked(pool_lock::LockError::Held { .. }) => EXIT_UNAVAILABLE,
             Self::Locked(pool_lock::LockError::Io { .. }) => EXIT_CANTCREAT,
             Self::PidFile(..) => EXIT_CANTCREAT,
-            Self::Os(..) => EXIT_OSERR,
+            Self::Os(..) | Self::Handoff(_) => EXIT_OSERR,
         }
     }
 }

@@ -9,9 +9,10 @@
 //! For per-slot addresses the master steers new connections to the slots whose worker is ready,
 //! with [`crate::sys::steer_reuseport`]: see `docs/design.md` ("Removing a slot").
 
+use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
@@ -46,33 +47,126 @@ enum Bound {
 pub struct Listeners {
     bound: Vec<Bound>,
     backlog: i32,
-    /// The sockets came from systemd (socket activation): their files are not ours to remove.
+    /// The sockets came from a systemd `.socket` unit: they replace the configured binds.
     activated: bool,
+    /// Whether the unix socket files are this master's to remove at exit (not systemd's, nor,
+    /// until it takes over, a binary upgrade's predecessor's).
+    owns_files: bool,
+    /// Passed per-slot sockets beyond the pool's slot count: steered away from, and open until
+    /// [`Self::release_surplus`] (a predecessor's workers may still be draining them).
+    surplus: Vec<Socket>,
+}
+
+/// The prefix of the names under which the master keeps its sockets in systemd's
+/// file-descriptor store.
+const STORE_PREFIX: &str = "ferrocorn-";
+
+/// The name a socket is stored under in systemd's file-descriptor store: bind index and slot.
+fn store_name(bind: usize, slot: Option<usize>) -> String {
+    match slot {
+        Some(slot) => format!("{STORE_PREFIX}slot-{slot}-bind-{bind}"),
+        None => format!("{STORE_PREFIX}shared-bind-{bind}"),
+    }
+}
+
+/// What a stored name says of its socket: `Some(slot)` (`None` inside for a shared socket); the
+/// outer `None` for a name that is not ferrocorn's (a `.socket` unit's socket).
+pub fn stored_role(name: &str) -> Option<Option<usize>> {
+    let rest = name.strip_prefix(STORE_PREFIX)?;
+    if rest.starts_with("shared-bind-") {
+        return Some(None);
+    }
+    let slot = rest
+        .strip_prefix("slot-")?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()?;
+    Some(Some(slot))
+}
+
+/// Whether a passed socket on `have` serves the configured address `want` (port 0: any port).
+fn serves(want: SocketAddr, have: SocketAddr) -> bool {
+    want.ip() == have.ip() && (want.port() == 0 || want.port() == have.port())
+}
+
+/// A socket's own address.
+fn local_address(socket: &Socket) -> io::Result<BindAddr> {
+    let local = socket.local_addr()?;
+    match (local.as_socket(), local.as_pathname()) {
+        (Some(addr), _) => Ok(BindAddr::Tcp(addr)),
+        (None, Some(path)) => Ok(BindAddr::Unix(path.to_owned())),
+        (None, None) => Err(io::Error::other(
+            "a passed socket is neither TCP nor a unix path",
+        )),
+    }
 }
 
 impl Listeners {
     /// Bind every address of the configuration, with `slots` sockets for per-slot addresses.
     pub fn bind(config: &Config, slots: usize) -> Result<Self, BindError> {
+        Self::adopt(config, slots, Vec::new())
+    }
+
+    /// Every address of the configuration, from the sockets a predecessor passed where one
+    /// listens on it (`passed`: each with the slot it served, `None` for a shared socket), bound
+    /// anew where none does. A per-slot address gets `slots` sockets: passed ones first, in slot
+    /// order, so each keeps its place in the kernel's `SO_REUSEPORT` group (and the steering
+    /// program's numbering); passed sockets of higher slots are kept as surplus. Passed sockets
+    /// on addresses no longer configured are closed.
+    pub fn adopt(
+        config: &Config,
+        slots: usize,
+        passed: Vec<(OwnedFd, Option<usize>)>,
+    ) -> Result<Self, BindError> {
+        let mut per_slot: BTreeMap<SocketAddr, BTreeMap<usize, Socket>> = BTreeMap::new();
+        let mut shared: Vec<(BindAddr, Socket)> = Vec::new();
+        for (fd, slot) in passed {
+            let socket = Socket::from(fd);
+            match (local_address(&socket), slot) {
+                (Ok(BindAddr::Tcp(addr)), Some(slot)) => {
+                    per_slot.entry(addr).or_default().insert(slot, socket);
+                }
+                (Ok(addr), _) => shared.push((addr, socket)),
+                (Err(e), _) => tracing::warn!(error = %e, "a passed socket is unusable; closed"),
+            }
+        }
         let mut bound = Vec::with_capacity(config.binds.len());
+        let mut surplus = Vec::new();
         for addr in &config.binds {
             let fail = |error| BindError {
                 addr: addr.clone(),
                 error,
             };
+            let mut take_shared = |matches: &dyn Fn(&BindAddr) -> bool| {
+                let found = shared.iter().position(|(have, _)| matches(have))?;
+                Some(shared.swap_remove(found))
+            };
             match addr {
-                BindAddr::Tcp(socket_addr) if config.reuse_port => {
-                    if socket_addr.port() != 0 {
-                        refuse_a_reuseport_group(*socket_addr).map_err(fail)?;
-                    }
-                    let first = tcp_socket(*socket_addr, true, config.backlog).map_err(fail)?;
-                    // Port 0 picks a free port once; every other slot joins that port.
-                    let actual = first
-                        .local_addr()
-                        .ok()
-                        .and_then(|a| a.as_socket())
-                        .ok_or_else(|| fail(io::Error::other("no local address")))?;
-                    let mut sockets = vec![first];
-                    for _ in 1..slots {
+                BindAddr::Tcp(want) if config.reuse_port => {
+                    let found = per_slot.keys().copied().find(|have| serves(*want, *have));
+                    let (actual, mut sockets) = match found.and_then(|a| per_slot.remove_entry(&a))
+                    {
+                        Some((actual, group)) => {
+                            let mut sockets: Vec<Socket> = group.into_values().collect();
+                            surplus.extend(sockets.split_off(slots.max(1).min(sockets.len())));
+                            (actual, sockets)
+                        }
+                        None => {
+                            if want.port() != 0 {
+                                refuse_a_reuseport_group(*want).map_err(fail)?;
+                            }
+                            let first = tcp_socket(*want, true, config.backlog).map_err(fail)?;
+                            // Port 0 picks a free port once; every other slot joins that port.
+                            let actual = first
+                                .local_addr()
+                                .ok()
+                                .and_then(|a| a.as_socket())
+                                .ok_or_else(|| fail(io::Error::other("no local address")))?;
+                            (actual, vec![first])
+                        }
+                    };
+                    while sockets.len() < slots {
                         sockets.push(tcp_socket(actual, true, config.backlog).map_err(fail)?);
                     }
                     bound.push(Bound::PerSlot {
@@ -80,20 +174,29 @@ impl Listeners {
                         sockets,
                     });
                 }
-                BindAddr::Tcp(socket_addr) => {
-                    let socket = tcp_socket(*socket_addr, false, config.backlog).map_err(fail)?;
-                    let actual = socket
-                        .local_addr()
-                        .ok()
-                        .and_then(|a| a.as_socket())
-                        .map_or(addr.clone(), BindAddr::Tcp);
-                    bound.push(Bound::Shared {
-                        addr: actual,
-                        socket,
-                    });
+                BindAddr::Tcp(want) => {
+                    let found = take_shared(
+                        &|have| matches!(have, BindAddr::Tcp(have) if serves(*want, *have)),
+                    );
+                    let (addr, socket) = match found {
+                        Some(found) => found,
+                        None => {
+                            let socket = tcp_socket(*want, false, config.backlog).map_err(fail)?;
+                            let actual = socket
+                                .local_addr()
+                                .ok()
+                                .and_then(|a| a.as_socket())
+                                .map_or(addr.clone(), BindAddr::Tcp);
+                            (actual, socket)
+                        }
+                    };
+                    bound.push(Bound::Shared { addr, socket });
                 }
                 BindAddr::Unix(path) => {
-                    let socket = unix_socket(path, config.backlog).map_err(fail)?;
+                    let socket = match take_shared(&|have| have == addr) {
+                        Some((_, socket)) => socket,
+                        None => unix_socket(path, config.backlog).map_err(fail)?,
+                    };
                     bound.push(Bound::Shared {
                         addr: addr.clone(),
                         socket,
@@ -101,40 +204,86 @@ impl Listeners {
                 }
             }
         }
+        let unused = per_slot
+            .keys()
+            .map(|a| BindAddr::Tcp(*a))
+            .chain(shared.iter().map(|(a, _)| a.clone()));
+        for address in unused {
+            tracing::info!(%address, "a passed socket's address is no longer configured; closed");
+        }
         Ok(Self {
             bound,
             backlog: config.backlog,
             activated: false,
+            owns_files: true,
+            surplus,
         })
     }
 
-    /// The sockets systemd passed, if it socket-activated this process: they replace the
-    /// configured binds, each shared by every worker (systemd passes one socket per address).
-    pub fn activated(config: &Config) -> io::Result<Option<Self>> {
-        let fds = sys::activated_listeners()?;
-        if fds.is_empty() {
-            return Ok(None);
-        }
+    /// The sockets of a systemd `.socket` unit (socket activation): they replace the configured
+    /// binds, each shared by every worker (systemd passes one socket per address).
+    pub fn activated(config: &Config, fds: Vec<OwnedFd>) -> io::Result<Self> {
         let mut bound = Vec::with_capacity(fds.len());
         for fd in fds {
             let socket = Socket::from(fd);
-            let local = socket.local_addr()?;
-            let addr = match (local.as_socket(), local.as_pathname()) {
-                (Some(addr), _) => BindAddr::Tcp(addr),
-                (None, Some(path)) => BindAddr::Unix(path.to_owned()),
-                (None, None) => {
-                    return Err(io::Error::other(
-                        "systemd passed a socket that is neither TCP nor a unix path",
-                    ));
-                }
-            };
+            let addr = local_address(&socket)?;
             bound.push(Bound::Shared { addr, socket });
         }
-        Ok(Some(Self {
+        Ok(Self {
             bound,
             backlog: config.backlog,
             activated: true,
-        }))
+            owns_files: false,
+            surplus: Vec::new(),
+        })
+    }
+
+    /// Leave the unix socket files to whoever else has them (until [`Self::claim_files`]).
+    pub fn disown_files(&mut self) {
+        self.owns_files = false;
+    }
+
+    /// Remove the unix socket files at exit (unless they are systemd's).
+    pub fn claim_files(&mut self) {
+        self.owns_files = !self.activated;
+    }
+
+    /// Whether passed per-slot sockets beyond the pool's slots are held.
+    pub fn has_surplus(&self) -> bool {
+        !self.surplus.is_empty()
+    }
+
+    /// The store names of slot `slot`'s sockets.
+    pub fn slot_store_names(&self, slot: usize) -> Vec<String> {
+        (self.bound.iter().enumerate())
+            .filter(|(_, b)| matches!(b, Bound::PerSlot { .. }))
+            .map(|(index, _)| store_name(index, Some(slot)))
+            .collect()
+    }
+
+    /// Close the surplus of passed per-slot sockets (once the predecessor's workers are done
+    /// with them).
+    pub fn release_surplus(&mut self) {
+        self.surplus.clear();
+    }
+
+    /// Every socket, with the slot it serves (`None`: shared by all) and the name it is stored
+    /// under in systemd's file-descriptor store: what a successor or systemd is passed.
+    pub fn passable(&self) -> Vec<(BorrowedFd<'_>, Option<usize>, String)> {
+        let mut all = Vec::new();
+        for (index, bound) in self.bound.iter().enumerate() {
+            match bound {
+                Bound::PerSlot { sockets, .. } => {
+                    for (slot, socket) in sockets.iter().enumerate() {
+                        all.push((socket.as_fd(), Some(slot), store_name(index, Some(slot))));
+                    }
+                }
+                Bound::Shared { socket, .. } => {
+                    all.push((socket.as_fd(), None, store_name(index, None)));
+                }
+            }
+        }
+        all
     }
 
     /// Whether the sockets came from systemd.
@@ -148,6 +297,8 @@ impl Listeners {
             bound: Vec::new(),
             backlog: 0,
             activated: false,
+            owns_files: false,
+            surplus: Vec::new(),
         }
     }
 
@@ -261,9 +412,9 @@ impl Listeners {
         Ok(())
     }
 
-    /// Remove the unix socket files (at exit).
+    /// Remove the unix socket files (at exit), if they are this master's.
     pub fn remove_socket_files(&self) {
-        if self.activated {
+        if !self.owns_files {
             return;
         }
         for bound in &self.bound {
@@ -337,4 +488,35 @@ fn unix_socket(path: &PathBuf, backlog: i32) -> io::Result<Socket> {
     socket.bind(&SockAddr::unix(path)?)?;
     socket.listen(backlog)?;
     Ok(socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stored_name_gives_the_socket_its_slot_back() {
+        for (bind, slot) in [(0, Some(0)), (2, Some(11)), (1, None)] {
+            assert_eq!(stored_role(&store_name(bind, slot)), Some(slot));
+        }
+        // A `.socket` unit's socket, and names that only look like ferrocorn's.
+        for name in [
+            "ferrocorn.socket",
+            "http",
+            "ferrocorn-slot-x-bind-0",
+            "ferrocorn-",
+        ] {
+            assert_eq!(stored_role(name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_configured_port_0_is_served_by_a_passed_socket_on_any_port_of_its_address() {
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let fixed: SocketAddr = "127.0.0.1:8000".parse().expect("addr");
+        assert!(serves(any, "127.0.0.1:41234".parse().expect("addr")));
+        assert!(serves(fixed, fixed));
+        assert!(!serves(fixed, "127.0.0.1:8001".parse().expect("addr")));
+        assert!(!serves(any, "0.0.0.0:8000".parse().expect("addr")));
+    }
 }

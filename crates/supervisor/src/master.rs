@@ -32,6 +32,7 @@ use crate::listeners::Listeners;
 use crate::pidfile::PidFile;
 use crate::pool::{Action, Event, Notice, Phase, Pool, Timing};
 use crate::pool_lock::PoolLock;
+use crate::upgrade::{self, Handover, Successor, Upgrade};
 use crate::{StartError, logging, sys};
 
 /// How long the master sleeps at most between two looks at the pool.
@@ -81,7 +82,7 @@ pub struct Master {
     fds: Option<MasterFds>,
     pidfile: Option<PidFile>,
     /// Held for the master's lifetime: one pool per cache directory.
-    _lock: PoolLock,
+    lock: PoolLock,
     /// `ferrocorn status | reload | scale`, and the clients waiting for a reload to complete.
     control: Option<ControlSocket>,
     reload_waiters: Vec<std::os::unix::net::UnixStream>,
@@ -92,6 +93,22 @@ pub struct Master {
     /// systemd's watchdog interval, if it asked for one, and when it was last fed.
     watchdog: Option<Duration>,
     last_watchdog: Option<Instant>,
+    /// Whether systemd keeps the listeners across restarts (`FDSTORE=1`), and the names of
+    /// what it passed from its store at start, dropped from the store once this master has
+    /// stored its own set.
+    fd_store: bool,
+    passed_store_names: Vec<String>,
+    /// The binary and arguments this master was started with: what USR2 starts again.
+    exe: Option<std::path::PathBuf>,
+    args: Vec<std::ffi::OsString>,
+    /// A binary upgrade this master started and waits for.
+    upgrade: Option<Upgrade>,
+    /// Set while this master is the new one of an upgrade and not yet serving alone; then,
+    /// until the old master acknowledges, the hand-over.
+    successor: Option<Successor>,
+    handover: Option<Handover>,
+    /// This master handed the pool to its successor and only drains.
+    handed_over: bool,
 }
 
 /// The signals the master handles; blocked and read through a signalfd.
@@ -128,18 +145,25 @@ impl Master {
                 .map_err(|e| StartError::Os("creating the wake-up pipe", e.into()))?;
         let scoreboard =
             Scoreboard::map().map_err(|e| StartError::Os("mapping the scoreboard", e))?;
-        let lock = PoolLock::acquire(&config.cache_dir).map_err(StartError::Locked)?;
-        let control = ControlSocket::bind(&config.cache_dir)
-            .map_err(|e| StartError::Os("binding the control socket", e))?;
-        let listeners = match Listeners::activated(&config)
-            .map_err(|e| StartError::Os("adopting systemd's sockets", e))?
-        {
-            Some(activated) => activated,
-            None => Listeners::bind(&config, config.workers).map_err(StartError::Bind)?,
+        let Start {
+            lock,
+            control,
+            listeners,
+            successor,
+            passed_store_names,
+        } = match upgrade::inherited().map_err(StartError::Handoff)? {
+            Some(inherited) => Start::from_predecessor(&config, inherited)?,
+            None => Start::fresh(&config)?,
         };
         if listeners.is_activated() {
             tracing::info!(
                 "socket activation: listening on the sockets systemd passed, not on bind"
+            );
+        }
+        if let Some(successor) = &successor {
+            tracing::info!(
+                old_master = successor.parent.as_raw(),
+                "binary upgrade: serving beside the old master until every worker is ready"
             );
         }
         if let Some(run_as) = &config.run_as {
@@ -154,11 +178,12 @@ impl Master {
                 "DEVELOPMENT MODE: requests without a credential are served, debug may be on and errors may say more than a client should see; set ENVIRONMENT=production (and SECRET_KEY) for a server others can reach"
             );
         }
+        // A new master of an upgrade writes the pid file when it takes over.
         let pidfile = match &config.pidfile {
-            Some(path) => {
+            Some(path) if successor.is_none() => {
                 Some(PidFile::create(path).map_err(|e| StartError::PidFile(path.clone(), e))?)
             }
-            None => None,
+            _ => None,
         };
         Ok(Self {
             cli,
@@ -175,7 +200,7 @@ impl Master {
                 wake_write,
             }),
             pidfile,
-            _lock: lock,
+            lock,
             control: Some(control),
             reload_waiters: Vec::new(),
             exit_code: None,
@@ -183,11 +208,29 @@ impl Master {
             over_budget: false,
             watchdog: sd_notify::watchdog_enabled(),
             last_watchdog: None,
+            fd_store: std::env::var("FDSTORE")
+                .ok()
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|n| n > 0),
+            passed_store_names,
+            exe: upgrade::executable()
+                .inspect_err(
+                    |e| tracing::warn!(error = %e, "no path to this binary: USR2 cannot upgrade"),
+                )
+                .ok(),
+            args: std::env::args_os().skip(1).collect(),
+            upgrade: None,
+            successor,
+            handover: None,
+            handed_over: false,
         })
     }
 
     /// Supervise until stopped; returns the process exit code.
     pub fn run(mut self) -> i32 {
+        if self.successor.is_none() {
+            self.store_listeners();
+        }
         self.dispatch(Event::Tick);
         loop {
             if let Some(code) = self.exit_code {
@@ -198,6 +241,8 @@ impl Master {
             self.handle_signals();
             self.handle_control();
             self.reap();
+            self.watch_upgrade();
+            self.watch_handover();
             self.observe();
             self.sample();
             self.dispatch(Event::Tick);
@@ -245,6 +290,10 @@ impl Master {
                 let _ = kill(pid, Signal::SIGABRT);
                 None
             }
+            // While two masters share the sockets, the one that serves alone steers: the old
+            // one until it starts an upgrade (its workers serve every slot meanwhile), the new
+            // one from when it takes over.
+            Action::Steer { .. } if self.upgrade.is_some() || self.successor.is_some() => None,
             Action::Steer { active } => {
                 if let Err(e) = self.listeners.steer(active) {
                     tracing::warn!(error = %e, "cannot steer SO_REUSEPORT listeners");
@@ -253,7 +302,10 @@ impl Master {
             }
             Action::AddSlot => Some(Event::SlotAdded {
                 ok: match self.listeners.add_slot() {
-                    Ok(()) => true,
+                    Ok(()) => {
+                        self.store_listeners();
+                        true
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot add a listener for a new slot");
                         false
@@ -267,6 +319,29 @@ impl Master {
             }
             Action::CloseSlot { slot } => {
                 self.retiring.remove(&slot);
+                if self.fd_store && self.successor.is_none() {
+                    for name in self.listeners.slot_store_names(slot) {
+                        let _ = sd_notify::notify(&[
+                            sd_notify::NotifyState::FdStoreRemove,
+                            sd_notify::NotifyState::FdName(&name),
+                        ]);
+                    }
+                }
+                None
+            }
+            Action::Notify(Notice::Ready) if self.successor.is_some() => {
+                // Every worker of the new pool serves: take over (systemd hears of it once the
+                // old master has told it who the main process is).
+                if let Some(successor) = self.successor.take() {
+                    self.take_over(successor);
+                }
+                None
+            }
+            // systemd hears from the master that serves alone: not from a new master before it
+            // is the service's main process, nor from an old one after.
+            Action::Notify(_)
+                if self.successor.is_some() || self.handover.is_some() || self.handed_over =>
+            {
                 None
             }
             Action::Notify(notice) => {
@@ -323,8 +398,15 @@ impl Master {
             PollFd::new(fds.signals.as_fd(), PollFlags::POLLIN),
             PollFd::new(fds.wake_read.as_fd(), PollFlags::POLLIN),
         ];
-        if let Some(control) = &self.control {
-            poll_fds.push(PollFd::new(control.listener().as_fd(), PollFlags::POLLIN));
+        if let Some(handover) = &self.handover {
+            poll_fds.push(PollFd::new(handover.fd(), PollFlags::POLLIN));
+        }
+        match (&self.upgrade, &self.control) {
+            (Some(upgrade), _) => poll_fds.push(PollFd::new(upgrade.fd(), PollFlags::POLLIN)),
+            (None, Some(control)) => {
+                poll_fds.push(PollFd::new(control.listener().as_fd(), PollFlags::POLLIN))
+            }
+            (None, None) => {}
         }
         let timeout = PollTimeout::try_from(TICK).unwrap_or(PollTimeout::NONE);
         match poll(&mut poll_fds, timeout) {
@@ -361,11 +443,7 @@ impl Master {
                     tracing::info!("master reopened log files");
                     self.dispatch(Event::ReopenLogs);
                 }
-                Signal::SIGUSR2 => {
-                    tracing::warn!(
-                        "binary upgrade (USR2) is not supported by this version; ignored"
-                    );
-                }
+                Signal::SIGUSR2 => self.begin_upgrade(),
                 _ => {}
             }
         }
@@ -373,6 +451,10 @@ impl Master {
 
     /// Serve the control socket's waiting commands.
     fn handle_control(&mut self) {
+        // During an upgrade the new master answers the control socket.
+        if self.upgrade.is_some() {
+            return;
+        }
         let Some(control) = &self.control else { return };
         for (stream, request) in control.accept_all() {
             match request {
@@ -530,6 +612,18 @@ impl Master {
     }
 
     fn on_exit(&mut self, pid: Pid, status: WaitStatus) {
+        if self.upgrade.as_ref().is_some_and(|u| u.pid == pid) {
+            self.upgrade = None;
+            tracing::error!(
+                new_master = pid.as_raw(),
+                status = %describe(status),
+                "binary upgrade failed: the new master exited before it served; this master keeps serving"
+            );
+            if let Err(e) = self.lock.record_holder() {
+                tracing::warn!(error = %e, "cannot record this master in the lock file");
+            }
+            return;
+        }
         let Some(child) = self.children.remove(&pid) else {
             tracing::debug!(%pid, ?status, "reaped a process that was not a worker");
             return;
@@ -684,6 +778,9 @@ impl Master {
         let Some(interval) = self.watchdog else {
             return;
         };
+        if self.successor.is_some() || self.handover.is_some() || self.handed_over {
+            return;
+        }
         let now = Instant::now();
         if self
             .last_watchdog
@@ -706,6 +803,180 @@ impl Master {
         if alive >= quorum {
             self.last_watchdog = Some(now);
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        }
+    }
+
+    /// USR2: start the binary again as a new master that takes the pool over once it serves
+    /// (see [`crate::upgrade`]).
+    fn begin_upgrade(&mut self) {
+        let refused = |why: &str| {
+            tracing::error!("binary upgrade refused: {why}; this master keeps serving");
+        };
+        if let Some(upgrade) = &self.upgrade {
+            return refused(&format!(
+                "the new master {} is still starting",
+                upgrade.pid.as_raw()
+            ));
+        }
+        if self.successor.is_some() || self.handed_over || self.pool.phase() != Phase::Running {
+            return refused("the pool is starting, stopping or being taken over");
+        }
+        if nix::unistd::getpid().as_raw() == 1 {
+            return refused(
+                "the master is PID 1, and its namespace ends with it: run the container with an \
+                 init (docker run --init) or replace the container",
+            );
+        }
+        let (Some(exe), Some(control)) = (&self.exe, &self.control) else {
+            return refused("the binary's path or the control socket is unknown");
+        };
+        let pass = upgrade::Pass {
+            exe,
+            args: &self.args,
+            cache_dir: &self.config.cache_dir,
+            lock: self.lock.fd(),
+            control: control.listener().as_fd(),
+            listeners: self
+                .listeners
+                .passable()
+                .into_iter()
+                .map(|(fd, slot, _)| (fd, slot))
+                .collect(),
+            activated: self.listeners.is_activated(),
+        };
+        match Upgrade::start(pass, Instant::now() + self.config.timeout) {
+            Ok(upgrade) => {
+                tracing::info!(
+                    new_master = upgrade.pid.as_raw(),
+                    exe = %exe.display(),
+                    "binary upgrade: started a new master; this one serves until it is ready"
+                );
+                self.upgrade = Some(upgrade);
+            }
+            Err(e) => refused(&format!("cannot start {}: {e}", exe.display())),
+        }
+    }
+
+    /// The old master's side of an upgrade: retire once the new master serves; stop it if it
+    /// is not ready within `timeout` (its exit is then reaped as a failed upgrade).
+    fn watch_upgrade(&mut self) {
+        let Some(upgrade) = &mut self.upgrade else {
+            return;
+        };
+        let pid = upgrade.pid;
+        if upgrade.is_ready() {
+            if let Some(upgrade) = self.upgrade.take() {
+                self.retire_for(pid);
+                upgrade.acknowledge();
+            }
+        } else if Instant::now() >= upgrade.deadline && !upgrade.stopped {
+            tracing::error!(
+                new_master = pid.as_raw(),
+                timeout_s = self.config.timeout.as_secs(),
+                "binary upgrade: the new master is not ready within timeout; stopping it"
+            );
+            let _ = kill(pid, Signal::SIGQUIT);
+            upgrade.stopped = true;
+            upgrade.deadline = Instant::now() + self.config.graceful_timeout;
+        } else if Instant::now() >= upgrade.deadline {
+            tracing::error!(
+                new_master = pid.as_raw(),
+                "binary upgrade: the new master did not stop; killing it"
+            );
+            let _ = kill(pid, Signal::SIGKILL);
+            upgrade.deadline = Instant::now() + self.config.graceful_timeout;
+        }
+    }
+
+    /// The new master `successor` serves: hand it the pool and drain this one's workers.
+    fn retire_for(&mut self, successor: Pid) {
+        tracing::info!(
+            new_master = successor.as_raw(),
+            "binary upgrade: the new master serves; this master drains its workers and exits"
+        );
+        let status = format!("upgraded: master pid {}", successor.as_raw());
+        let _ = sd_notify::notify(&[
+            sd_notify::NotifyState::MainPid(successor.as_raw() as u32),
+            sd_notify::NotifyState::Status(&status),
+        ]);
+        self.handed_over = true;
+        // The socket files, the control socket and the pid file are the new master's now.
+        if let Some(control) = self.control.take() {
+            control.close_keeping_file();
+        }
+        self.listeners.disown_files();
+        self.dispatch(Event::Stop { quick: false });
+    }
+
+    /// The new master's side: every worker serves, so this master becomes the pool's.
+    fn take_over(&mut self, successor: Successor) {
+        if let Some(path) = &self.config.pidfile {
+            match PidFile::create(path) {
+                Ok(pidfile) => self.pidfile = Some(pidfile),
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot write the pid file")
+                }
+            }
+        }
+        if let Err(e) = self.lock.record_holder() {
+            tracing::warn!(error = %e, "cannot record this master in the lock file");
+        }
+        if let Some(control) = &mut self.control {
+            control.claim_file(&self.config.cache_dir);
+        }
+        self.listeners.claim_files();
+        self.listeners.release_surplus();
+        if let Err(e) = self.listeners.steer(self.pool.desired()) {
+            tracing::warn!(error = %e, "cannot steer SO_REUSEPORT listeners");
+        }
+        let old = successor.parent.as_raw();
+        match successor.take_over() {
+            Ok(handover) => {
+                tracing::info!(
+                    old_master = old,
+                    "binary upgrade complete: this master serves; the old one retires"
+                );
+                self.handover = Some(handover);
+            }
+            Err(e) => {
+                tracing::warn!(old_master = old, error = %e, "cannot tell the old master to retire");
+                self.settle_handover();
+            }
+        }
+    }
+
+    /// Once the old master has told systemd this one is the main process: say what the pool
+    /// is, and keep its listeners in systemd's store.
+    fn watch_handover(&mut self) {
+        if self.handover.as_ref().is_some_and(Handover::is_settled) {
+            self.handover = None;
+            self.settle_handover();
+        }
+    }
+
+    fn settle_handover(&mut self) {
+        self.perform(Action::Notify(Notice::Ready));
+        self.store_listeners();
+    }
+
+    /// Keep the listening sockets in systemd's file-descriptor store, so that a restart
+    /// passes them to the next master and no connection is refused meanwhile; first drop what
+    /// the store passed at start (sockets no longer used, or stored under other names).
+    fn store_listeners(&mut self) {
+        if !self.fd_store || self.listeners.is_activated() {
+            return;
+        }
+        use sd_notify::NotifyState;
+        for name in self.passed_store_names.drain(..) {
+            let _ = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(&name)]);
+        }
+        for (fd, _, name) in self.listeners.passable() {
+            if let Err(e) = sd_notify::notify_with_fds(
+                &[NotifyState::FdStore, NotifyState::FdName(&name)],
+                &[fd],
+            ) {
+                tracing::warn!(error = %e, name, "cannot store a listener with systemd");
+            }
         }
     }
 
@@ -852,9 +1123,12 @@ impl Master {
         self.fds = None;
         // The socket file is the master's: close the descriptor without removing the file.
         if let Some(control) = self.control.take() {
-            control.close_in_child();
+            control.close_keeping_file();
         }
         self.reload_waiters.clear();
+        self.upgrade = None;
+        self.successor = None;
+        self.handover = None;
         self.retiring.clear();
         self.children.clear();
         self.listeners = Listeners::empty();
@@ -872,6 +1146,105 @@ impl Master {
         if nix::unistd::getppid() != master_pid {
             std::process::exit(0);
         }
+    }
+}
+
+/// What a master starts with besides its configuration: the pool's lock, control socket and
+/// listeners, fresh or from a predecessor.
+struct Start {
+    lock: PoolLock,
+    control: ControlSocket,
+    listeners: Listeners,
+    successor: Option<Successor>,
+    passed_store_names: Vec<String>,
+}
+
+impl Start {
+    /// A master started by the operator or systemd: lock and bind, adopting what systemd passed
+    /// (a `.socket` unit's sockets, or the listeners an earlier master kept in its
+    /// file-descriptor store).
+    fn fresh(config: &Config) -> Result<Self, StartError> {
+        let lock = PoolLock::acquire(&config.cache_dir).map_err(StartError::Locked)?;
+        let control = ControlSocket::bind(&config.cache_dir)
+            .map_err(|e| StartError::Os("binding the control socket", e))?;
+        let mut units = Vec::new();
+        let mut stored = Vec::new();
+        let mut passed_store_names = Vec::new();
+        for (fd, name) in sys::passed_descriptors()
+            .map_err(|e| StartError::Os("adopting systemd's sockets", e))?
+        {
+            match crate::listeners::stored_role(&name) {
+                Some(slot) => {
+                    stored.push((fd, slot));
+                    passed_store_names.push(name);
+                }
+                None => units.push(fd),
+            }
+        }
+        let listeners = if units.is_empty() {
+            if !stored.is_empty() {
+                tracing::info!(
+                    sockets = stored.len(),
+                    "adopting the listeners systemd kept in its file-descriptor store"
+                );
+            }
+            let listeners =
+                Listeners::adopt(config, config.workers, stored).map_err(StartError::Bind)?;
+            // Passed sockets of slots this pool no longer has must not receive anything more.
+            if listeners.has_surplus()
+                && let Err(e) = listeners.steer(config.workers)
+            {
+                tracing::warn!(error = %e, "cannot steer SO_REUSEPORT listeners");
+            }
+            listeners
+        } else {
+            Listeners::activated(config, units)
+                .map_err(|e| StartError::Os("adopting systemd's sockets", e))?
+        };
+        Ok(Self {
+            lock,
+            control,
+            listeners,
+            successor: None,
+            passed_store_names,
+        })
+    }
+
+    /// The new master of a binary upgrade: the old master's lock, control socket and listeners
+    /// (a lock and control socket of another cache directory are not taken: the configuration
+    /// moved it).
+    fn from_predecessor(
+        config: &Config,
+        inherited: upgrade::Inherited,
+    ) -> Result<Self, StartError> {
+        let same_dir = inherited.cache_dir == config.cache_dir;
+        let lock = if same_dir {
+            PoolLock::adopt(inherited.lock)
+        } else {
+            PoolLock::acquire(&config.cache_dir).map_err(StartError::Locked)?
+        };
+        let control = if same_dir {
+            ControlSocket::adopt(inherited.control)
+        } else {
+            ControlSocket::bind(&config.cache_dir)
+        }
+        .map_err(|e| StartError::Os("taking the control socket", e))?;
+        let mut listeners = if inherited.activated {
+            let fds = inherited.listeners.into_iter().map(|(fd, _)| fd).collect();
+            Listeners::activated(config, fds)
+                .map_err(|e| StartError::Os("adopting the old master's sockets", e))?
+        } else {
+            Listeners::adopt(config, config.workers, inherited.listeners)
+                .map_err(StartError::Bind)?
+        };
+        listeners.disown_files();
+        Ok(Self {
+            lock,
+            control,
+            listeners,
+            successor: Some(inherited.successor),
+            passed_store_names: Vec::new(),
+        })
     }
 }
 

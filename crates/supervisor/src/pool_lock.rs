@@ -18,7 +18,7 @@ pub const LOCK_FILE: &str = "ferrocorn.lock";
 /// A held lock; released when dropped (and by the kernel when the process exits).
 #[derive(Debug)]
 pub struct PoolLock {
-    _file: File,
+    file: File,
 }
 
 /// Why the lock was not taken.
@@ -65,11 +65,30 @@ impl PoolLock {
             }
             Err(TryLockError::Error(e)) => return Err(io_error(e)),
         }
-        file.set_len(0)
-            .and_then(|()| file.rewind())
-            .and_then(|()| writeln!(file, "{}", std::process::id()))
-            .map_err(io_error)?;
-        Ok(Self { _file: file })
+        let lock = Self { file };
+        lock.record_holder().map_err(io_error)?;
+        Ok(lock)
+    }
+
+    /// The lock a binary upgrade's predecessor handed over: the same open file, so the same
+    /// `flock` (shared by both masters until the old one exits).
+    pub fn adopt(fd: std::os::fd::OwnedFd) -> Self {
+        Self {
+            file: File::from(fd),
+        }
+    }
+
+    /// Write this process's pid into the lock file, as the pool's holder.
+    pub fn record_holder(&self) -> io::Result<()> {
+        let mut file = &self.file;
+        file.set_len(0)?;
+        file.rewind()?;
+        writeln!(file, "{}", std::process::id())
+    }
+
+    /// The lock's descriptor (for a binary upgrade's hand-off).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.file)
     }
 }
 

@@ -4,11 +4,16 @@
 //! - [`fork`]: forking a worker (sound only because the master is single-threaded, see the
 //!   crate docs);
 //! - [`steer_reuseport`]: the classic BPF program that limits which of a port's `SO_REUSEPORT`
-//!   listeners receive new connections.
+//!   listeners receive new connections;
+//! - [`accept_queue`]: `TCP_INFO` on a listener;
+//! - [`default_signals_on_exec`]: the signal mask a spawned program starts with;
+//! - [`passed_descriptors`] and [`claim_inherited`]: taking ownership of descriptors another
+//!   process passed by number (systemd's socket activation and file-descriptor store, a binary
+//!   upgrade's predecessor).
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::unistd::ForkResult;
 
@@ -109,18 +114,63 @@ pub fn accept_queue(listener: BorrowedFd<'_>) -> io::Result<u32> {
     }
 }
 
-/// The listening sockets systemd passed (socket activation: `LISTEN_FDS` for this process's
-/// `LISTEN_PID`), owned from here on; none when the process was not socket-activated.
-pub fn activated_listeners() -> io::Result<Vec<std::os::fd::OwnedFd>> {
-    use std::os::fd::FromRawFd;
-    let fds: Vec<_> = sd_notify::listen_fds()?.collect();
+/// Make `command`'s program start with no signal blocked: the master blocks the signals it
+/// reads through its signalfd, and a mask survives `exec`.
+pub fn default_signals_on_exec(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child between fork and exec, where only
+    // async-signal-safe calls are sound: it builds an empty set on the stack and calls
+    // sigprocmask, allocating nothing and taking no lock.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::signal::sigprocmask(
+                nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                Some(&nix::sys::signal::SigSet::empty()),
+                None,
+            )
+            .map_err(io::Error::from)
+        });
+    }
+}
+
+/// The descriptors systemd passed (`LISTEN_FDS` for this process's `LISTEN_PID`: the sockets of
+/// a `.socket` unit, and what the service stored with `FDSTORE=1`), each with its name
+/// (`LISTEN_FDNAMES`), owned from here on; none when systemd passed nothing.
+pub fn passed_descriptors() -> io::Result<Vec<(OwnedFd, String)>> {
+    let fds: Vec<_> = sd_notify::listen_fds_with_names()?.collect();
     Ok(fds
         .into_iter()
         // SAFETY: systemd passed these descriptors to this process (LISTEN_PID is ours) from fd
         // 3 on; nothing else in the process has claimed them, and this function runs once,
         // at start-up, so each is owned exactly once.
-        .map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+        .map(|(fd, name)| (unsafe { OwnedFd::from_raw_fd(fd) }, name))
         .collect())
+}
+
+/// Own the descriptor `raw`, which the process that started this one left open for it (a binary
+/// upgrade's predecessor names them in its hand-off), and make it close-on-exec again.
+///
+/// Fails if `raw` is a standard stream or not an open descriptor. The caller claims each number
+/// at most once.
+pub fn claim_inherited(raw: RawFd) -> io::Result<OwnedFd> {
+    if raw <= 2 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {raw} is a standard stream"),
+        ));
+    }
+    // SAFETY: F_GETFD only reads the descriptor table entry; an invalid number is EBADF.
+    let flags = unsafe { libc::fcntl(raw, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above; F_SETFD changes only the close-on-exec flag of an open descriptor.
+    if unsafe { libc::fcntl(raw, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor is open (checked above), was left to this process by its parent
+    // for exactly this use, and the caller claims each number once, so it is owned only here.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 #[cfg(test)]
