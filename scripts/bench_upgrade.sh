@@ -29,10 +29,10 @@ done = function(summary, latency, requests)
     latency:percentile(99) / 1000, latency.max / 1000))
 end
 EOF
-export FERROCORN_BIND="[\"127.0.0.1:$port\"]" FERROCORN_DATA_DIR="$data" \
+export FERROCORN_BIND="127.0.0.1:$port" FERROCORN_DATA_DIR="$data" \
   FERROCORN_CACHE_DIR="$work/cache" FERROCORN_TEMP_DIR="$work" FERROCORN_PIDFILE="$work/pid"
 (exec "$work/ferrocorn" --config "$PWD/config/ferrocorn.toml" 2>"$work/log") &
-for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.2; done
+for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; kill -0 $! 2>/dev/null || break; sleep 0.2; done
 curl -sf "http://127.0.0.1:$port/readyz" >/dev/null || { cat "$work/log" >&2; exit 1; }
 now_ms() { date +%s%3N; }
 upgrade() { # reinstall the binary (a new file renamed over the old one), USR2, wait for the pid

@@ -30,6 +30,11 @@ shared_struct! {
         pub workers_desired: AtomicU64,
         /// Workers reaped, by [`ExitCause`].
         pub worker_exits: [AtomicU64; ExitCause::ALL.len()],
+        /// Catalogue changes the workers have applied (a dataset added, changed or removed),
+        /// counted by whichever worker applied each one first. A worker that has seen fewer
+        /// rescans before it answers, so that none answers from an older dataset version than
+        /// another one already has.
+        pub catalog_changes: AtomicU64,
     }
 }
 

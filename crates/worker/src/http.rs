@@ -424,8 +424,8 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Ready>, ApiEr
     }))
 }
 
-async fn fresh_catalog(state: &AppState) -> Arc<Vec<DatasetInfo>> {
-    refresh_catalog(&state.engine).await;
+async fn fresh_catalog(state: &Arc<AppState>) -> Arc<Vec<DatasetInfo>> {
+    refresh_catalog(state).await;
     state.engine.catalog()
 }
 

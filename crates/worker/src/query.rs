@@ -195,7 +195,7 @@ async fn run_query(
     PoolCounters::add(&state.pool().queries, 1);
 
     // The dataset versions in the cache key (and the views the query reads) must be current.
-    refresh_catalog(&state.engine).await;
+    refresh_catalog(&state).await;
     // A credential limited to some datasets: every dataset the statement reads, by DuckDB's
     // parse of it (through CTEs, subqueries, joins, any spelling), must be one of them. Before
     // the result cache, so that a cached answer is not a way around it.

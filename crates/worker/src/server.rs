@@ -334,7 +334,7 @@ async fn serve(
     // Requests rescan the data directory when they need to; this also does it when none come,
     // so that a changed dataset's snapshot is rebuilt (and a finished one attached) even on an
     // idle pool, before the first request after a data load.
-    let rescan = tokio::spawn(rescan(engine.clone()));
+    let rescan = tokio::spawn(rescan(state.clone()));
     let memory = tokio::spawn(sample_duckdb_memory(engine.clone(), record));
     phase.enter(RecordState::Ready);
     wake_master();
@@ -423,12 +423,12 @@ async fn sample_duckdb_memory(engine: Arc<Engine>, record: &'static WorkerRecord
 /// [`crate::http::RESCAN_INTERVAL`], on requests).
 const IDLE_RESCAN: Duration = Duration::from_secs(2);
 
-async fn rescan(engine: Arc<Engine>) {
+async fn rescan(state: Arc<AppState>) {
     let mut ticker = tokio::time::interval(IDLE_RESCAN);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        refresh_catalog(&engine).await;
+        refresh_catalog(&state).await;
     }
 }
 

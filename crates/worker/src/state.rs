@@ -2,7 +2,8 @@
 //! current.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use ferrocorn_query_core::Engine;
 use ferrocorn_scoreboard::{PoolCounters, Scoreboard, WorkerRecord};
@@ -46,6 +47,8 @@ pub struct AppState {
     pub health_body: bytes::Bytes,
     /// Accounts, keys and tokens.
     pub auth: Auth,
+    /// How far this worker's catalogue has followed the pool's.
+    pub catalog: CatalogSync,
 }
 
 impl std::fmt::Debug for AppState {
@@ -132,6 +135,7 @@ impl AppState {
             .unwrap_or_default()
             .into(),
             auth,
+            catalog: CatalogSync::join(&scoreboard.pool().catalog_changes),
         }
     }
 
@@ -149,13 +153,74 @@ pub fn counts_toward_budget(path: &str) -> bool {
 }
 
 /// How often a worker may rescan the data directory for new or changed datasets.
-pub const RESCAN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+pub const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Rescan the data directory if the last scan is older than [`RESCAN_INTERVAL`], off the event
-/// loop; nothing to do (and no trip to the blocking pool) otherwise.
-pub async fn refresh_catalog(engine: &Arc<Engine>) {
-    if engine.refresh_due(RESCAN_INTERVAL) {
-        let engine = engine.clone();
-        let _ = tokio::task::spawn_blocking(move || engine.refresh_if_due(RESCAN_INTERVAL)).await;
+/// One worker's place in the pool's count of catalogue changes
+/// ([`PoolCounters::catalog_changes`]).
+///
+/// Each worker rescans the data directory on its own clock, so without this, two workers could
+/// answer from two versions of a replaced file for up to [`RESCAN_INTERVAL`]: a client whose
+/// requests land on both would see the new answer, then the old one again. A worker that
+/// applies a change counts it in the pool's count at once (before its next answer can leave);
+/// a worker whose count is behind the pool's rescans before it answers.
+#[derive(Debug)]
+pub struct CatalogSync {
+    pool: &'static AtomicU64,
+    seen: AtomicU64,
+}
+
+impl CatalogSync {
+    /// A new worker's place. Its catalogue was scanned at boot, maybe after a change the others
+    /// have not seen yet: it counts itself as a change (so they rescan once), and has seen
+    /// nothing (so its first request rescans too, for a change counted while it booted).
+    fn join(pool: &'static AtomicU64) -> Self {
+        pool.fetch_add(1, Ordering::AcqRel);
+        Self {
+            pool,
+            seen: AtomicU64::new(0),
+        }
     }
+
+    /// The pool's count when this worker is behind it.
+    fn behind(&self) -> Option<u64> {
+        let pool = self.pool.load(Ordering::Acquire);
+        (pool > self.seen.load(Ordering::Acquire)).then_some(pool)
+    }
+
+    /// Count one change this worker applied.
+    fn applied(&self) {
+        let count = self.pool.fetch_add(1, Ordering::AcqRel) + 1;
+        self.seen.fetch_max(count, Ordering::AcqRel);
+    }
+
+    /// This worker's catalogue reflects the pool's count `count`.
+    fn caught_up(&self, count: u64) {
+        self.seen.fetch_max(count, Ordering::AcqRel);
+    }
+}
+
+/// Rescan the data directory if the last scan is older than [`RESCAN_INTERVAL`], or at once if
+/// another worker has applied a change this one has not seen; off the event loop. Nothing to do
+/// (two atomic loads, no trip to the blocking pool) otherwise.
+pub async fn refresh_catalog(state: &Arc<AppState>) {
+    let behind = state.catalog.behind();
+    let interval = if behind.is_some() {
+        Duration::ZERO
+    } else {
+        RESCAN_INTERVAL
+    };
+    if !state.engine.refresh_due(interval) {
+        return;
+    }
+    // The count before the scan: a change another worker applies meanwhile is not assumed seen.
+    let before = state.catalog.pool.load(Ordering::Acquire);
+    let scanning = state.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        if scanning.engine.refresh_if_due(interval) {
+            scanning.catalog.applied();
+        } else {
+            scanning.catalog.caught_up(before);
+        }
+    })
+    .await;
 }
