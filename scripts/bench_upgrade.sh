@@ -3,8 +3,9 @@
 #
 # One pool with the repository's configuration (config/ferrocorn.toml: the defaults, workers
 # from the CPU count) over DATA_DIR. wrk plays 30 users sending queries that each miss the result
-# cache (a random bound), ROUNDS times two rounds of SECONDS: one quiet, one in which the binary
-# is reinstalled and the master sent USR2 UPGRADES times, each once the previous upgrade is done.
+# cache (a random bound). After a warm-up (no snapshot left to build, then one round unmeasured),
+# ROUNDS times two rounds of SECONDS in alternating order: one quiet, one in which the binary is
+# reinstalled and the master sent USR2 UPGRADES times, each once the previous upgrade is done.
 # Prints, per round, requests, errors (connect, read/write, non-2xx, timeouts) and latency, and
 # each upgrade's time from USR2 to the new master's pid in the pid file.
 # Usage: scripts/bench_upgrade.sh [DATA_DIR] [ROUNDS] [SECONDS] [UPGRADES]
@@ -18,6 +19,16 @@ trap 'kill -TERM "$(cat "$work/pid" 2>/dev/null)" 2>/dev/null || true; sleep 1; 
 cp "$target/debug/ferrocorn" "$work/ferrocorn"
 port=18200
 cat > "$work/users.lua" <<'EOF'
+-- Each thread of each run draws its own bounds (Lua's generator is unseeded otherwise, and every
+-- run would repeat the last one's queries: result-cache hits).
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("id", threads)
+end
+function init(args)
+  math.randomseed(os.time() * 1000 + id)
+end
 request = function()
   local bound = math.random(1, 6000000)
   return wrk.format("GET", "/v1/query?sql=SELECT%20count(*)%20AS%20n%20FROM%20orders%20WHERE%20o_orderkey%20%3C%20" .. bound)
@@ -45,18 +56,28 @@ upgrade() { # reinstall the binary (a new file renamed over the old one), USR2, 
   echo "$(( $(now_ms) - t0 ))"
   while kill -0 "$old" 2>/dev/null; do sleep 0.05; done
 }
-echo "round kind requests connect_err rw_err non2xx timeouts p50_ms p99_ms max_ms upgrade_ms"
-for round in $(seq "$rounds"); do
-  quiet="$(wrk -t2 -c30 -d"${seconds}s" -s "$work/users.lua" "http://127.0.0.1:$port" | tail -1)"
-  echo "$round quiet $quiet -"
+published() {
+  curl -sf "http://127.0.0.1:$port/v1/datasets" | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+d = d.get("datasets", d) if isinstance(d, dict) else d
+sys.exit(0 if d and all(x.get("pending_version") is None for x in d) else 1)'
+}
+for _ in $(seq 1200); do published && break; sleep 0.5; done
+wrk -t2 -c30 -d"${seconds}s" -s "$work/users.lua" "http://127.0.0.1:$port" >/dev/null
+quiet() { echo "$1 quiet $(wrk -t2 -c30 -d"${seconds}s" -s "$work/users.lua" "http://127.0.0.1:$port" | tail -1) -"; }
+usr2() {
   wrk -t2 -c30 -d"${seconds}s" -s "$work/users.lua" "http://127.0.0.1:$port" | tail -1 > "$work/wrk.out" &
-  wrk_pid=$!
-  times=()
+  local wrk_pid=$! times=()
   sleep "$(( seconds / (upgrades + 2) ))"
   for _ in $(seq "$upgrades"); do
     times+=("$(upgrade)")
     sleep "$(( seconds / (upgrades + 2) ))"
   done
   wait "$wrk_pid"
-  echo "$round usr2 $(cat "$work/wrk.out") $(IFS=,; echo "${times[*]}")"
+  echo "$1 usr2 $(cat "$work/wrk.out") $(IFS=,; echo "${times[*]}")"
+}
+echo "round kind requests connect_err rw_err non2xx timeouts p50_ms p99_ms max_ms upgrade_ms"
+for round in $(seq "$rounds"); do
+  if (( round % 2 )); then quiet "$round"; usr2 "$round"; else usr2 "$round"; quiet "$round"; fi
 done

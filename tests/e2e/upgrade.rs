@@ -395,3 +395,24 @@ fn the_listeners_kept_in_systemds_fd_store_refuse_nothing_across_a_restart() {
     assert!(!answered.is_disjoint(&first_workers), "{answered:?}");
     assert!(!answered.is_disjoint(&second_workers), "{answered:?}");
 }
+
+#[test]
+fn a_stop_during_an_upgrade_stops_the_new_master_too() {
+    let (setup, _) = upgradable();
+    let mut server = setup.start();
+    install_script(&server.setup.binary, "#!/bin/sh\nexec sleep 600\n");
+    server.signal(Signal::SIGUSR2);
+    server.wait_log(&["started a new master"], 1, Duration::from_secs(30));
+    let new: i32 = server.log_lines(&["started a new master"])[0]
+        .split("new_master=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .expect("the new master's pid in the log");
+    assert!(alive(new));
+    server.signal(Signal::SIGTERM);
+    assert_eq!(server.wait_exit(Duration::from_secs(60)).code(), Some(0));
+    // The old master exited after the new one: nothing of the upgrade is left running.
+    assert!(!alive(new), "the new master outlived the stop");
+    assert_eq!(server.count(&["binary upgrade abandoned"]), 1);
+}

@@ -233,7 +233,9 @@ impl Master {
         }
         self.dispatch(Event::Tick);
         loop {
-            if let Some(code) = self.exit_code {
+            if let Some(code) = self.exit_code
+                && self.upgrade.is_none()
+            {
                 self.listeners.remove_socket_files();
                 return code;
             }
@@ -430,6 +432,19 @@ impl Master {
             if signal != Signal::SIGCHLD {
                 tracing::info!(signal = %signal, "master received signal");
             }
+            // A stop during an upgrade stops the new master too (the operator stops the
+            // service), and this master exits only after it (its workers may serve already).
+            if matches!(signal, Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT)
+                && let Some(upgrade) = &mut self.upgrade
+            {
+                tracing::warn!(
+                    new_master = upgrade.pid.as_raw(),
+                    "binary upgrade abandoned: stopping the new master too"
+                );
+                let _ = kill(upgrade.pid, signal);
+                upgrade.stopped = true;
+                upgrade.deadline = Instant::now() + self.config.graceful_timeout;
+            }
             match signal {
                 Signal::SIGTERM => self.dispatch(Event::Stop { quick: false }),
                 Signal::SIGINT | Signal::SIGQUIT => self.dispatch(Event::Stop { quick: true }),
@@ -619,8 +634,13 @@ impl Master {
                 status = %describe(status),
                 "binary upgrade failed: the new master exited before it served; this master keeps serving"
             );
-            if let Err(e) = self.lock.record_holder() {
-                tracing::warn!(error = %e, "cannot record this master in the lock file");
+            // The lock file still names this master: a new one records itself only when it
+            // takes over. What the pool steered to while the upgrade held steering back:
+            let steered = self.pool.steered();
+            if steered > 0
+                && let Err(e) = self.listeners.steer(steered)
+            {
+                tracing::warn!(error = %e, "cannot steer SO_REUSEPORT listeners");
             }
             return;
         }
@@ -823,8 +843,8 @@ impl Master {
         }
         if nix::unistd::getpid().as_raw() == 1 {
             return refused(
-                "the master is PID 1, and its namespace ends with it: run the container with an \
-                 init (docker run --init) or replace the container",
+                "the master is PID 1 (a container's first process), and the container ends \
+                 when it exits: replace the container instead",
             );
         }
         let (Some(exe), Some(control)) = (&self.exe, &self.control) else {

@@ -291,6 +291,11 @@ impl Pool {
         self.desired
     }
 
+    /// The slots new connections are steered to (the last [`Action::Steer`]'s; 0 before any).
+    pub fn steered(&self) -> usize {
+        self.steered
+    }
+
     /// Apply `event`, seen at `now`; returns what the master is to do, in order.
     pub fn handle(&mut self, event: Event, now: Instant) -> Vec<Action> {
         if self.phase != Phase::Exited {
