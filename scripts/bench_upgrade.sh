@@ -18,28 +18,7 @@ work="$(mktemp -d)"
 trap 'kill -TERM "$(cat "$work/pid" 2>/dev/null)" 2>/dev/null || true; sleep 1; rm -rf "$work"' EXIT
 cp "$target/debug/ferrocorn" "$work/ferrocorn"
 port=18200
-cat > "$work/users.lua" <<'EOF'
--- Each thread of each run draws its own bounds (Lua's generator is unseeded otherwise, and every
--- run would repeat the last one's queries: result-cache hits).
-local threads = 0
-function setup(thread)
-  threads = threads + 1
-  thread:set("id", threads)
-end
-function init(args)
-  math.randomseed(os.time() * 1000 + id)
-end
-request = function()
-  local bound = math.random(1, 6000000)
-  return wrk.format("GET", "/v1/query?sql=SELECT%20count(*)%20AS%20n%20FROM%20orders%20WHERE%20o_orderkey%20%3C%20" .. bound)
-end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("%d %d %d %d %d %.1f %.1f %.1f\n", summary.requests, e.connect,
-    e.read + e.write, e.status, e.timeout, latency:percentile(50) / 1000,
-    latency:percentile(99) / 1000, latency.max / 1000))
-end
-EOF
+users=scripts/wrk/count_orders.lua
 export FERROCORN_BIND="127.0.0.1:$port" FERROCORN_DATA_DIR="$data" \
   FERROCORN_CACHE_DIR="$work/cache" FERROCORN_TEMP_DIR="$work" FERROCORN_PIDFILE="$work/pid"
 (exec "$work/ferrocorn" --config "$PWD/config/ferrocorn.toml" 2>"$work/log") &
@@ -64,10 +43,10 @@ d = d.get("datasets", d) if isinstance(d, dict) else d
 sys.exit(0 if d and all(x.get("pending_version") is None for x in d) else 1)'
 }
 for _ in $(seq 1200); do published && break; sleep 0.5; done
-wrk -t2 -c30 -d"${seconds}s" -s "$work/users.lua" "http://127.0.0.1:$port" >/dev/null
-quiet() { echo "$1 quiet $(wrk -t2 -c30 -d"${seconds}s" -s "$work/users.lua" "http://127.0.0.1:$port" | tail -1) -"; }
+wrk -t2 -c30 -d"${seconds}s" -s "$users" "http://127.0.0.1:$port" >/dev/null
+quiet() { echo "$1 quiet $(wrk -t2 -c30 -d"${seconds}s" -s "$users" "http://127.0.0.1:$port" | tail -1) -"; }
 usr2() {
-  wrk -t2 -c30 -d"${seconds}s" -s "$work/users.lua" "http://127.0.0.1:$port" | tail -1 > "$work/wrk.out" &
+  wrk -t2 -c30 -d"${seconds}s" -s "$users" "http://127.0.0.1:$port" | tail -1 > "$work/wrk.out" &
   local wrk_pid=$! times=()
   sleep "$(( seconds / (upgrades + 2) ))"
   for _ in $(seq "$upgrades"); do

@@ -800,13 +800,7 @@ fn socket_activation_serves_the_connection_that_started_the_pool() {
         .process_group(0)
         .spawn()
         .expect("systemd-socket-activate (Debian's systemd package)");
-    struct Group(i32);
-    impl Drop for Group {
-        fn drop(&mut self) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-self.0), Signal::SIGKILL);
-        }
-    }
-    let _group = Group(activator.id() as i32);
+    let _group = crate::support::KillGroup(activator.id() as i32);
     let addr: std::net::SocketAddr = listen.parse().expect("addr");
     // The first connection starts the pool and waits in the socket's queue until it serves it.
     let connected = poll_until("the activator listening", Duration::from_secs(10), || {

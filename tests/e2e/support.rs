@@ -327,6 +327,16 @@ impl Drop for Server {
     }
 }
 
+/// Kills a process group when dropped: a process the test started outside [`Server`], with
+/// `process_group(0)`, and whatever it started.
+pub struct KillGroup(pub i32);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(-self.0), Signal::SIGKILL);
+    }
+}
+
 /// Child pids of `parent`, from /proc.
 pub fn children_of(parent: i32) -> BTreeSet<i32> {
     let mut children = BTreeSet::new();

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::support::{BIN, Load, Setup, children_of, poll_until, proc_status, scrape, toml_str};
+use crate::support::{
+    BIN, KillGroup, Load, LoadStats, Setup, children_of, poll_until, proc_status, scrape, toml_str,
+};
 
 /// Put `staged` in place of `path` the way a package upgrade does: a new file renamed over the
 /// old one (a running master keeps the old inode).
@@ -62,6 +64,41 @@ fn wait_served(addr: std::net::SocketAddr, n: f64) {
     );
 }
 
+/// Poll until each of `workers` has answered part of the load.
+fn wait_serving(addr: std::net::SocketAddr, workers: &BTreeSet<i32>) {
+    poll_until(
+        "the new workers serving the load",
+        Duration::from_secs(30),
+        || {
+            let served = scrape(addr).per_worker("ferrocorn_worker_requests");
+            (workers.iter())
+                .all(|pid| served.get(pid).is_some_and(|n| *n > 0.0))
+                .then_some(())
+        },
+    );
+}
+
+fn no_failure(stats: &LoadStats) {
+    assert!(
+        stats.errors.is_empty(),
+        "{} failed requests, e.g. {:?}",
+        stats.errors.len(),
+        stats.errors.iter().take(5).collect::<Vec<_>>()
+    );
+}
+
+/// The load saw no failure, and workers of both pools answered it.
+fn both_pools_answered_without_a_failure(
+    stats: LoadStats,
+    before: &BTreeSet<i32>,
+    after: &BTreeSet<i32>,
+) {
+    no_failure(&stats);
+    let answered: BTreeSet<i32> = stats.pids.iter().map(|p| *p as i32).collect();
+    assert!(!answered.is_disjoint(before), "{answered:?}");
+    assert!(!answered.is_disjoint(after), "{answered:?}");
+}
+
 #[test]
 fn usr2_hands_the_pool_to_the_new_binary_under_load_without_a_failed_request() {
     let (setup, pidfile) = upgradable();
@@ -92,27 +129,8 @@ fn usr2_hands_the_pool_to_the_new_binary_under_load_without_a_failed_request() {
     let new_workers = children_of(new);
     assert_eq!(new_workers.len(), 2, "{new_workers:?}");
     assert!(new_workers.is_disjoint(&old_workers));
-    poll_until(
-        "both new workers serving the load",
-        Duration::from_secs(30),
-        || {
-            let served = scrape(addr).per_worker("ferrocorn_worker_requests");
-            new_workers
-                .iter()
-                .all(|pid| served.get(pid).is_some_and(|n| *n > 0.0))
-                .then_some(())
-        },
-    );
-    let stats = load.stop();
-    assert!(
-        stats.errors.is_empty(),
-        "{} failed requests, e.g. {:?}",
-        stats.errors.len(),
-        stats.errors.iter().take(5).collect::<Vec<_>>()
-    );
-    let answered: BTreeSet<i32> = stats.pids.iter().map(|p| *p as i32).collect();
-    assert!(!answered.is_disjoint(&old_workers), "{answered:?}");
-    assert!(!answered.is_disjoint(&new_workers), "{answered:?}");
+    wait_serving(addr, &new_workers);
+    both_pools_answered_without_a_failure(load.stop(), &old_workers, &new_workers);
     assert_eq!(server.count(&["binary upgrade complete"]), 1);
 
     // The control socket, the lock and the files are the new master's.
@@ -201,13 +219,7 @@ fn a_failed_upgrade_leaves_the_old_pool_serving() {
     assert_eq!(server.wait_exit(Duration::from_secs(60)).code(), Some(0));
     let new = read_pid(&pidfile).expect("pid file");
     assert_ne!(new, old);
-    let stats = load.stop();
-    assert!(
-        stats.errors.is_empty(),
-        "{} failed requests, e.g. {:?}",
-        stats.errors.len(),
-        stats.errors.iter().take(5).collect::<Vec<_>>()
-    );
+    no_failure(&load.stop());
 }
 
 /// The test's stand-in for systemd: the notify socket, and the descriptors it stores.
@@ -337,13 +349,7 @@ fn the_listeners_kept_in_systemds_fd_store_refuse_nothing_across_a_restart() {
         .process_group(0)
         .spawn()
         .expect("bash");
-    struct Group(i32);
-    impl Drop for Group {
-        fn drop(&mut self) {
-            let _ = kill(Pid::from_raw(-self.0), Signal::SIGKILL);
-        }
-    }
-    let _group = Group(restarted.id() as i32);
+    let _group = KillGroup(restarted.id() as i32);
     let text = poll_until("the restarted pool ready", Duration::from_secs(60), || {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         if let Ok(Some(status)) = restarted.try_wait() {
@@ -373,27 +379,8 @@ fn the_listeners_kept_in_systemds_fd_store_refuse_nothing_across_a_restart() {
         );
     }
     let second_workers = children_of(restarted.id() as i32);
-    poll_until(
-        "the restarted workers serving the load",
-        Duration::from_secs(30),
-        || {
-            let served = scrape(addr).per_worker("ferrocorn_worker_requests");
-            second_workers
-                .iter()
-                .all(|pid| served.get(pid).is_some_and(|n| *n > 0.0))
-                .then_some(())
-        },
-    );
-    let stats = load.stop();
-    assert!(
-        stats.errors.is_empty(),
-        "{} failed requests, e.g. {:?}",
-        stats.errors.len(),
-        stats.errors.iter().take(5).collect::<Vec<_>>()
-    );
-    let answered: BTreeSet<i32> = stats.pids.iter().map(|p| *p as i32).collect();
-    assert!(!answered.is_disjoint(&first_workers), "{answered:?}");
-    assert!(!answered.is_disjoint(&second_workers), "{answered:?}");
+    wait_serving(addr, &second_workers);
+    both_pools_answered_without_a_failure(load.stop(), &first_workers, &second_workers);
 }
 
 #[test]
