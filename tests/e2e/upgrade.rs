@@ -99,12 +99,32 @@ fn both_pools_answered_without_a_failure(
     assert!(!answered.is_disjoint(after), "{answered:?}");
 }
 
+/// Whether `GET /healthz` answers 200 on the unix socket `path`.
+fn healthy_on(path: &Path) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::os::unix::net::UnixStream::connect(path) else {
+        return false;
+    };
+    let mut text = String::new();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .and_then(|()| stream.read_to_string(&mut text))
+        .is_ok_and(|_| text.starts_with("HTTP/1.1 200"))
+}
+
 #[test]
 fn usr2_hands_the_pool_to_the_new_binary_under_load_without_a_failed_request() {
     let (setup, pidfile) = upgradable();
     let manager = Manager::new(setup.dir.path());
     let notify = manager.path.to_string_lossy().into_owned();
-    let mut server = setup.env("NOTIFY_SOCKET", &notify).start();
+    // A unix socket too: its file is the old master's, then the new one's.
+    let socket = setup.path("ferrocorn.sock");
+    let binds = format!("[\"127.0.0.1:0\", \"unix:{}\"]", socket.display());
+    let mut server = setup
+        .key("bind", &binds)
+        .env("NOTIFY_SOCKET", &notify)
+        .start();
+    assert!(healthy_on(&socket));
     let addr = server.addr();
     let old = server.pid().as_raw();
     assert_eq!(read_pid(&pidfile), Some(old));
@@ -119,8 +139,13 @@ fn usr2_hands_the_pool_to_the_new_binary_under_load_without_a_failed_request() {
         Duration::from_secs(60),
         || read_pid(&pidfile).filter(|pid| *pid != old),
     );
-    // The old master drains its workers and exits 0 once the new one serves.
+    // The old master drains its workers and exits 0 once the new one serves, leaving the unix
+    // socket's file to it.
     assert_eq!(server.wait_exit(Duration::from_secs(60)).code(), Some(0));
+    assert!(
+        healthy_on(&socket),
+        "the unix socket after the old master's exit"
+    );
     // The new master runs the file now at the path, not the one the old master was started from.
     assert_eq!(
         std::fs::read_link(format!("/proc/{new}/exe")).expect("exe"),
@@ -159,6 +184,7 @@ fn usr2_hands_the_pool_to_the_new_binary_under_load_without_a_failed_request() {
         (!alive(new)).then_some(())
     });
     assert!(!pidfile.exists(), "the new master removes its pid file");
+    assert!(!socket.exists(), "and its unix socket's file");
     assert!(!server.setup.path("cache/control.sock").exists());
 }
 
