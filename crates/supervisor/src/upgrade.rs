@@ -56,7 +56,8 @@ struct Handoff {
     cache_dir: PathBuf,
     lock: RawFd,
     control: RawFd,
-    ready: RawFd,
+    /// The new master's end of the socket pair it says it serves on.
+    channel: RawFd,
     listeners: Vec<HandoffListener>,
     /// The listeners came from a systemd `.socket` unit (they replace the configured binds).
     activated: bool,
@@ -105,7 +106,7 @@ impl Upgrade {
         let inheritable = |fd: BorrowedFd<'_>| nix::unistd::dup(fd).map_err(io::Error::from);
         let lock = inheritable(pass.lock)?;
         let control = inheritable(pass.control)?;
-        let ready_child = inheritable(child_end.as_fd())?;
+        let channel_child = inheritable(child_end.as_fd())?;
         let listeners = pass
             .listeners
             .iter()
@@ -116,7 +117,7 @@ impl Upgrade {
             cache_dir: pass.cache_dir.to_owned(),
             lock: lock.as_raw_fd(),
             control: control.as_raw_fd(),
-            ready: ready_child.as_raw_fd(),
+            channel: channel_child.as_raw_fd(),
             listeners: listeners
                 .iter()
                 .map(|(fd, slot)| HandoffListener {
@@ -240,7 +241,7 @@ pub fn inherited() -> Result<Option<Inherited>, String> {
         );
         return Ok(None);
     }
-    let mut numbers: Vec<RawFd> = [handoff.lock, handoff.control, handoff.ready]
+    let mut numbers: Vec<RawFd> = [handoff.lock, handoff.control, handoff.channel]
         .into_iter()
         .chain(handoff.listeners.iter().map(|l| l.fd))
         .collect();
@@ -253,7 +254,7 @@ pub fn inherited() -> Result<Option<Inherited>, String> {
     };
     let lock = claim(handoff.lock, "cache directory's lock")?;
     let control = claim(handoff.control, "control socket")?;
-    let channel = UnixStream::from(claim(handoff.ready, "hand-over socket")?);
+    let channel = UnixStream::from(claim(handoff.channel, "hand-over socket")?);
     channel
         .set_nonblocking(true)
         .map_err(|e| format!("{ENV}: the hand-over socket: {e}"))?;
@@ -293,7 +294,7 @@ mod tests {
             cache_dir: PathBuf::from("/var/cache/ferrocorn"),
             lock: 5,
             control: 6,
-            ready: 7,
+            channel: 7,
             listeners: vec![
                 HandoffListener {
                     fd: 8,
