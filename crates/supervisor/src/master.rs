@@ -101,14 +101,37 @@ pub struct Master {
     /// The binary and arguments this master was started with: what USR2 starts again.
     exe: Option<std::path::PathBuf>,
     args: Vec<std::ffi::OsString>,
-    /// A binary upgrade this master started and waits for.
-    upgrade: Option<Upgrade>,
-    /// Set while this master is the new one of an upgrade and not yet serving alone; then,
-    /// until the old master acknowledges, the hand-over.
-    successor: Option<Successor>,
-    handover: Option<Handover>,
-    /// This master handed the pool to its successor and only drains.
-    handed_over: bool,
+    /// Where this master stands in a binary upgrade.
+    succession: Succession,
+}
+
+/// Where a master stands in a binary upgrade ([`crate::upgrade`]).
+#[derive(Debug)]
+enum Succession {
+    /// The pool is this master's alone.
+    Alone,
+    /// It started a new master, and serves until that one is ready.
+    Upgrading(Upgrade),
+    /// It is the new master, serving beside the old one until every worker is ready.
+    Successor(Successor),
+    /// It is the new master, has told the old one, and waits until systemd knows its pid.
+    HandingOver(Handover),
+    /// It handed the pool to a new master, and only drains.
+    HandedOver,
+}
+
+impl Succession {
+    /// Whether systemd takes this master for the service's main process: only then does it
+    /// notify, feed the watchdog and keep the file-descriptor store.
+    fn is_main(&self) -> bool {
+        matches!(self, Self::Alone | Self::Upgrading(_))
+    }
+
+    /// Whether this master steers the sockets. While two masters share them, neither does:
+    /// the old one's workers serve every slot, and the new one steers once it takes over.
+    fn steers(&self) -> bool {
+        matches!(self, Self::Alone | Self::HandingOver(_))
+    }
 }
 
 /// The signals the master handles; blocked and read through a signalfd.
@@ -219,22 +242,18 @@ impl Master {
                 )
                 .ok(),
             args: std::env::args_os().skip(1).collect(),
-            upgrade: None,
-            successor,
-            handover: None,
-            handed_over: false,
+            succession: successor.map_or(Succession::Alone, Succession::Successor),
         })
     }
 
     /// Supervise until stopped; returns the process exit code.
     pub fn run(mut self) -> i32 {
-        if self.successor.is_none() {
-            self.store_listeners();
-        }
+        self.store_listeners();
         self.dispatch(Event::Tick);
         loop {
+            // A master that started an upgrade exits after the new master it stopped.
             if let Some(code) = self.exit_code
-                && self.upgrade.is_none()
+                && !matches!(self.succession, Succession::Upgrading(_))
             {
                 self.listeners.remove_socket_files();
                 return code;
@@ -292,13 +311,9 @@ impl Master {
                 let _ = kill(pid, Signal::SIGABRT);
                 None
             }
-            // While two masters share the sockets, the one that serves alone steers: the old
-            // one until it starts an upgrade (its workers serve every slot meanwhile), the new
-            // one from when it takes over.
-            Action::Steer { .. } if self.upgrade.is_some() || self.successor.is_some() => None,
             Action::Steer { active } => {
-                if let Err(e) = self.listeners.steer(active) {
-                    tracing::warn!(error = %e, "cannot steer SO_REUSEPORT listeners");
+                if self.succession.steers() {
+                    self.steer(active);
                 }
                 None
             }
@@ -321,31 +336,18 @@ impl Master {
             }
             Action::CloseSlot { slot } => {
                 self.retiring.remove(&slot);
-                if self.fd_store && self.successor.is_none() {
-                    for name in self.listeners.slot_store_names(slot) {
-                        let _ = sd_notify::notify(&[
-                            sd_notify::NotifyState::FdStoreRemove,
-                            sd_notify::NotifyState::FdName(&name),
-                        ]);
-                    }
-                }
+                self.unstore_slot(slot);
                 None
             }
-            Action::Notify(Notice::Ready) if self.successor.is_some() => {
+            Action::Notify(Notice::Ready)
+                if matches!(self.succession, Succession::Successor(_)) =>
+            {
                 // Every worker of the new pool serves: take over (systemd hears of it once the
                 // old master has told it who the main process is).
-                if let Some(successor) = self.successor.take() {
-                    self.take_over(successor);
-                }
+                self.take_over();
                 None
             }
-            // systemd hears from the master that serves alone: not from a new master before it
-            // is the service's main process, nor from an old one after.
-            Action::Notify(_)
-                if self.successor.is_some() || self.handover.is_some() || self.handed_over =>
-            {
-                None
-            }
+            Action::Notify(_) if !self.succession.is_main() => None,
             Action::Notify(notice) => {
                 use sd_notify::NotifyState;
                 let status = match notice {
@@ -400,15 +402,19 @@ impl Master {
             PollFd::new(fds.signals.as_fd(), PollFlags::POLLIN),
             PollFd::new(fds.wake_read.as_fd(), PollFlags::POLLIN),
         ];
-        if let Some(handover) = &self.handover {
-            poll_fds.push(PollFd::new(handover.fd(), PollFlags::POLLIN));
-        }
-        match (&self.upgrade, &self.control) {
-            (Some(upgrade), _) => poll_fds.push(PollFd::new(upgrade.fd(), PollFlags::POLLIN)),
-            (None, Some(control)) => {
-                poll_fds.push(PollFd::new(control.listener().as_fd(), PollFlags::POLLIN))
+        match &self.succession {
+            Succession::Upgrading(upgrade) => {
+                poll_fds.push(PollFd::new(upgrade.fd(), PollFlags::POLLIN));
             }
-            (None, None) => {}
+            Succession::HandingOver(handover) => {
+                poll_fds.push(PollFd::new(handover.fd(), PollFlags::POLLIN));
+            }
+            _ => {}
+        }
+        if let Some(control) = &self.control
+            && self.answers_control()
+        {
+            poll_fds.push(PollFd::new(control.listener().as_fd(), PollFlags::POLLIN));
         }
         let timeout = PollTimeout::try_from(TICK).unwrap_or(PollTimeout::NONE);
         match poll(&mut poll_fds, timeout) {
@@ -435,7 +441,7 @@ impl Master {
             // A stop during an upgrade stops the new master too (the operator stops the
             // service), and this master exits only after it (its workers may serve already).
             if matches!(signal, Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT)
-                && let Some(upgrade) = &mut self.upgrade
+                && let Succession::Upgrading(upgrade) = &mut self.succession
             {
                 tracing::warn!(
                     new_master = upgrade.pid.as_raw(),
@@ -466,8 +472,7 @@ impl Master {
 
     /// Serve the control socket's waiting commands.
     fn handle_control(&mut self) {
-        // During an upgrade the new master answers the control socket.
-        if self.upgrade.is_some() {
+        if !self.answers_control() {
             return;
         }
         let Some(control) = &self.control else { return };
@@ -498,6 +503,12 @@ impl Master {
                 }
             }
         }
+    }
+
+    /// Whether this master answers the control socket: not while a new master it started
+    /// shares it (that one answers).
+    fn answers_control(&self) -> bool {
+        !matches!(self.succession, Succession::Upgrading(_))
     }
 
     /// Tell the clients of a reload that it is complete, once it is.
@@ -627,21 +638,18 @@ impl Master {
     }
 
     fn on_exit(&mut self, pid: Pid, status: WaitStatus) {
-        if self.upgrade.as_ref().is_some_and(|u| u.pid == pid) {
-            self.upgrade = None;
+        if let Succession::Upgrading(upgrade) = &self.succession
+            && upgrade.pid == pid
+        {
+            self.succession = Succession::Alone;
             tracing::error!(
                 new_master = pid.as_raw(),
                 status = %describe(status),
                 "binary upgrade failed: the new master exited before it served; this master keeps serving"
             );
-            // The lock file still names this master: a new one records itself only when it
-            // takes over. What the pool steered to while the upgrade held steering back:
-            let steered = self.pool.steered();
-            if steered > 0
-                && let Err(e) = self.listeners.steer(steered)
-            {
-                tracing::warn!(error = %e, "cannot steer SO_REUSEPORT listeners");
-            }
+            // The lock file still names this master (a new one records itself only when it
+            // takes over); the steering the upgrade held back applies again.
+            self.steer(self.pool.steered());
             return;
         }
         let Some(child) = self.children.remove(&pid) else {
@@ -798,7 +806,7 @@ impl Master {
         let Some(interval) = self.watchdog else {
             return;
         };
-        if self.successor.is_some() || self.handover.is_some() || self.handed_over {
+        if !self.succession.is_main() {
             return;
         }
         let now = Instant::now();
@@ -832,14 +840,15 @@ impl Master {
         let refused = |why: &str| {
             tracing::error!("binary upgrade refused: {why}; this master keeps serving");
         };
-        if let Some(upgrade) = &self.upgrade {
-            return refused(&format!(
-                "the new master {} is still starting",
-                upgrade.pid.as_raw()
-            ));
-        }
-        if self.successor.is_some() || self.handed_over || self.pool.phase() != Phase::Running {
-            return refused("the pool is starting, stopping or being taken over");
+        match &self.succession {
+            Succession::Upgrading(upgrade) => {
+                return refused(&format!(
+                    "the new master {} is still starting",
+                    upgrade.pid.as_raw()
+                ));
+            }
+            Succession::Alone if self.pool.phase() == Phase::Running => {}
+            _ => return refused("the pool is starting, stopping or being taken over"),
         }
         if nix::unistd::getpid().as_raw() == 1 {
             return refused(
@@ -871,7 +880,7 @@ impl Master {
                     exe = %exe.display(),
                     "binary upgrade: started a new master; this one serves until it is ready"
                 );
-                self.upgrade = Some(upgrade);
+                self.succession = Succession::Upgrading(upgrade);
             }
             Err(e) => refused(&format!("cannot start {}: {e}", exe.display())),
         }
@@ -880,12 +889,14 @@ impl Master {
     /// The old master's side of an upgrade: retire once the new master serves; stop it if it
     /// is not ready within `timeout` (its exit is then reaped as a failed upgrade).
     fn watch_upgrade(&mut self) {
-        let Some(upgrade) = &mut self.upgrade else {
+        let Succession::Upgrading(upgrade) = &mut self.succession else {
             return;
         };
         let pid = upgrade.pid;
         if upgrade.is_ready() {
-            if let Some(upgrade) = self.upgrade.take() {
+            if let Succession::Upgrading(upgrade) =
+                std::mem::replace(&mut self.succession, Succession::HandedOver)
+            {
                 self.retire_for(pid);
                 upgrade.acknowledge();
             }
@@ -919,7 +930,6 @@ impl Master {
             sd_notify::NotifyState::MainPid(successor.as_raw() as u32),
             sd_notify::NotifyState::Status(&status),
         ]);
-        self.handed_over = true;
         // The socket files, the control socket and the pid file are the new master's now.
         if let Some(control) = self.control.take() {
             control.close_keeping_file();
@@ -929,7 +939,12 @@ impl Master {
     }
 
     /// The new master's side: every worker serves, so this master becomes the pool's.
-    fn take_over(&mut self, successor: Successor) {
+    fn take_over(&mut self) {
+        let Succession::Successor(successor) =
+            std::mem::replace(&mut self.succession, Succession::Alone)
+        else {
+            return;
+        };
         if let Some(path) = &self.config.pidfile {
             match PidFile::create(path) {
                 Ok(pidfile) => self.pidfile = Some(pidfile),
@@ -946,9 +961,7 @@ impl Master {
         }
         self.listeners.claim_files();
         self.listeners.release_surplus();
-        if let Err(e) = self.listeners.steer(self.pool.desired()) {
-            tracing::warn!(error = %e, "cannot steer SO_REUSEPORT listeners");
-        }
+        self.steer(self.pool.steered());
         let old = successor.parent.as_raw();
         match successor.take_over() {
             Ok(handover) => {
@@ -956,7 +969,7 @@ impl Master {
                     old_master = old,
                     "binary upgrade complete: this master serves; the old one retires"
                 );
-                self.handover = Some(handover);
+                self.succession = Succession::HandingOver(handover);
             }
             Err(e) => {
                 tracing::warn!(old_master = old, error = %e, "cannot tell the old master to retire");
@@ -968,8 +981,10 @@ impl Master {
     /// Once the old master has told systemd this one is the main process: say what the pool
     /// is, and keep its listeners in systemd's store.
     fn watch_handover(&mut self) {
-        if self.handover.as_ref().is_some_and(Handover::is_settled) {
-            self.handover = None;
+        if let Succession::HandingOver(handover) = &self.succession
+            && handover.is_settled()
+        {
+            self.succession = Succession::Alone;
             self.settle_handover();
         }
     }
@@ -983,7 +998,7 @@ impl Master {
     /// passes them to the next master and no connection is refused meanwhile; first drop what
     /// the store passed at start (sockets no longer used, or stored under other names).
     fn store_listeners(&mut self) {
-        if !self.fd_store || self.listeners.is_activated() {
+        if !self.keeps_fd_store() {
             return;
         }
         use sd_notify::NotifyState;
@@ -997,6 +1012,35 @@ impl Master {
             ) {
                 tracing::warn!(error = %e, name, "cannot store a listener with systemd");
             }
+        }
+    }
+
+    /// Drop slot `slot`'s sockets from systemd's store (the slot is closed).
+    fn unstore_slot(&self, slot: usize) {
+        if !self.keeps_fd_store() {
+            return;
+        }
+        for name in self.listeners.slot_store_names(slot) {
+            let _ = sd_notify::notify(&[
+                sd_notify::NotifyState::FdStoreRemove,
+                sd_notify::NotifyState::FdName(&name),
+            ]);
+        }
+    }
+
+    /// Whether this master keeps its listeners in systemd's store: systemd has one, the
+    /// sockets are not a `.socket` unit's (systemd holds those anyway), and this master is the
+    /// service's main process.
+    fn keeps_fd_store(&self) -> bool {
+        self.fd_store && !self.listeners.is_activated() && self.succession.is_main()
+    }
+
+    /// Steer new connections to the first `active` slots (none before a slot is ready).
+    fn steer(&self, active: usize) {
+        if active > 0
+            && let Err(e) = self.listeners.steer(active)
+        {
+            tracing::warn!(error = %e, "cannot steer SO_REUSEPORT listeners");
         }
     }
 
@@ -1146,9 +1190,7 @@ impl Master {
             control.close_keeping_file();
         }
         self.reload_waiters.clear();
-        self.upgrade = None;
-        self.successor = None;
-        self.handover = None;
+        self.succession = Succession::Alone;
         self.retiring.clear();
         self.children.clear();
         self.listeners = Listeners::empty();
