@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use crate::counters::PoolCounters;
 use crate::histogram::{Histogram, RequestTable};
 use crate::limits::LimitTable;
-use crate::record::WorkerRecord;
+use crate::record::{RecordState, WorkerRecord};
 use crate::shared::{Shared, shared_struct};
 
 /// How many worker records the region holds: two per slot (a worker and its successor) for the
@@ -94,6 +94,16 @@ impl Scoreboard {
 
     pub fn records(&self) -> &[WorkerRecord] {
         &self.records
+    }
+
+    /// The records of live workers: booting, ready or draining.
+    pub fn live_records(&self) -> impl Iterator<Item = &WorkerRecord> {
+        self.records.iter().filter(|r| {
+            matches!(
+                r.state(),
+                RecordState::Booting | RecordState::Ready | RecordState::Draining
+            )
+        })
     }
 
     /// Queries running in the whole pool: the sum of the workers' counts.

@@ -134,11 +134,7 @@ fn help(out: &mut String, name: &str, kind: &str, help: &str) {
 fn render(state: &AppState) -> String {
     let mut out = String::with_capacity(16 * 1024);
     let scoreboard = state.scoreboard;
-    let live: Vec<&WorkerRecord> = scoreboard
-        .records()
-        .iter()
-        .filter(|r| !matches!(r.state(), RecordState::Free | RecordState::BootFailed))
-        .collect();
+    let live: Vec<&WorkerRecord> = scoreboard.live_records().collect();
     let workers = |wanted: RecordState| live.iter().filter(|r| r.state() == wanted).count() as u64;
     write_metric(
         &mut out,

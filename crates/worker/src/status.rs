@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use ferrocorn_scoreboard::{RecordState, WorkerRecord, monotonic_ms};
+use ferrocorn_scoreboard::{WorkerRecord, monotonic_ms};
 use http::{HeaderMap, HeaderValue, header};
 use serde::Serialize;
 
@@ -66,14 +66,7 @@ pub fn snapshot(state: &AppState) -> ServerStatus {
     let now_ms = monotonic_ms();
     let mut workers: Vec<WorkerStatus> = state
         .scoreboard
-        .records()
-        .iter()
-        .filter(|r| {
-            matches!(
-                r.state(),
-                RecordState::Booting | RecordState::Ready | RecordState::Draining
-            )
-        })
+        .live_records()
         .map(|r| describe(r, now_ms))
         .collect();
     workers.sort_by_key(|w| (w.slot, w.pid));
