@@ -85,6 +85,68 @@ pub fn stored_role(name: &str) -> Option<Option<usize>> {
     Some(Some(slot))
 }
 
+/// Passed sockets by what they serve, taken one address at a time by [`Listeners::adopt`].
+struct Passed {
+    /// Per-slot sockets, by address, then by slot.
+    per_slot: BTreeMap<SocketAddr, BTreeMap<usize, Socket>>,
+    shared: Vec<(BindAddr, Socket)>,
+}
+
+impl Passed {
+    fn sort(passed: Vec<(OwnedFd, Option<usize>)>) -> Self {
+        let mut sorted = Self {
+            per_slot: BTreeMap::new(),
+            shared: Vec::new(),
+        };
+        for (fd, slot) in passed {
+            let socket = Socket::from(fd);
+            match (local_address(&socket), slot) {
+                (Ok(BindAddr::Tcp(addr)), Some(slot)) => {
+                    sorted
+                        .per_slot
+                        .entry(addr)
+                        .or_default()
+                        .insert(slot, socket);
+                }
+                (Ok(addr), _) => sorted.shared.push((addr, socket)),
+                (Err(e), _) => tracing::warn!(error = %e, "a passed socket is unusable; closed"),
+            }
+        }
+        sorted
+    }
+
+    /// The per-slot sockets that serve `want`, in slot order, with their address.
+    fn take_group(&mut self, want: SocketAddr) -> Option<(SocketAddr, Vec<Socket>)> {
+        let have = self
+            .per_slot
+            .keys()
+            .copied()
+            .find(|have| serves(want, *have))?;
+        let group = self.per_slot.remove(&have)?;
+        Some((have, group.into_values().collect()))
+    }
+
+    /// The first shared socket whose address `matches`.
+    fn take_shared(&mut self, matches: impl Fn(&BindAddr) -> bool) -> Option<(BindAddr, Socket)> {
+        let found = self.shared.iter().position(|(have, _)| matches(have))?;
+        Some(self.shared.swap_remove(found))
+    }
+
+    /// Close what no configured address took.
+    fn close_unused(self) {
+        let unused = (self.per_slot.keys().map(|a| BindAddr::Tcp(*a)))
+            .chain(self.shared.iter().map(|(a, _)| a.clone()));
+        for address in unused {
+            tracing::info!(%address, "a passed socket's address is no longer configured; closed");
+        }
+    }
+}
+
+/// A TCP socket's own address.
+fn tcp_address(socket: &Socket) -> Option<SocketAddr> {
+    socket.local_addr().ok()?.as_socket()
+}
+
 /// Whether a passed socket on `have` serves the configured address `want` (port 0: any port).
 fn serves(want: SocketAddr, have: SocketAddr) -> bool {
     want.ip() == have.ip() && (want.port() == 0 || want.port() == have.port())
@@ -119,18 +181,7 @@ impl Listeners {
         slots: usize,
         passed: Vec<(OwnedFd, Option<usize>)>,
     ) -> Result<Self, BindError> {
-        let mut per_slot: BTreeMap<SocketAddr, BTreeMap<usize, Socket>> = BTreeMap::new();
-        let mut shared: Vec<(BindAddr, Socket)> = Vec::new();
-        for (fd, slot) in passed {
-            let socket = Socket::from(fd);
-            match (local_address(&socket), slot) {
-                (Ok(BindAddr::Tcp(addr)), Some(slot)) => {
-                    per_slot.entry(addr).or_default().insert(slot, socket);
-                }
-                (Ok(addr), _) => shared.push((addr, socket)),
-                (Err(e), _) => tracing::warn!(error = %e, "a passed socket is unusable; closed"),
-            }
-        }
+        let mut passed = Passed::sort(passed);
         let mut bound = Vec::with_capacity(config.binds.len());
         let mut surplus = Vec::new();
         for addr in &config.binds {
@@ -138,17 +189,10 @@ impl Listeners {
                 addr: addr.clone(),
                 error,
             };
-            let mut take_shared = |matches: &dyn Fn(&BindAddr) -> bool| {
-                let found = shared.iter().position(|(have, _)| matches(have))?;
-                Some(shared.swap_remove(found))
-            };
             match addr {
                 BindAddr::Tcp(want) if config.reuse_port => {
-                    let found = per_slot.keys().copied().find(|have| serves(*want, *have));
-                    let (actual, mut sockets) = match found.and_then(|a| per_slot.remove_entry(&a))
-                    {
-                        Some((actual, group)) => {
-                            let mut sockets: Vec<Socket> = group.into_values().collect();
+                    let (actual, mut sockets) = match passed.take_group(*want) {
+                        Some((actual, mut sockets)) => {
                             surplus.extend(sockets.split_off(slots.max(1).min(sockets.len())));
                             (actual, sockets)
                         }
@@ -158,10 +202,7 @@ impl Listeners {
                             }
                             let first = tcp_socket(*want, true, config.backlog).map_err(fail)?;
                             // Port 0 picks a free port once; every other slot joins that port.
-                            let actual = first
-                                .local_addr()
-                                .ok()
-                                .and_then(|a| a.as_socket())
+                            let actual = tcp_address(&first)
                                 .ok_or_else(|| fail(io::Error::other("no local address")))?;
                             (actual, vec![first])
                         }
@@ -175,25 +216,21 @@ impl Listeners {
                     });
                 }
                 BindAddr::Tcp(want) => {
-                    let found = take_shared(
-                        &|have| matches!(have, BindAddr::Tcp(have) if serves(*want, *have)),
+                    let found = passed.take_shared(
+                        |have| matches!(have, BindAddr::Tcp(have) if serves(*want, *have)),
                     );
                     let (addr, socket) = match found {
                         Some(found) => found,
                         None => {
                             let socket = tcp_socket(*want, false, config.backlog).map_err(fail)?;
-                            let actual = socket
-                                .local_addr()
-                                .ok()
-                                .and_then(|a| a.as_socket())
-                                .map_or(addr.clone(), BindAddr::Tcp);
+                            let actual = tcp_address(&socket).map_or(addr.clone(), BindAddr::Tcp);
                             (actual, socket)
                         }
                     };
                     bound.push(Bound::Shared { addr, socket });
                 }
                 BindAddr::Unix(path) => {
-                    let socket = match take_shared(&|have| have == addr) {
+                    let socket = match passed.take_shared(|have| have == addr) {
                         Some((_, socket)) => socket,
                         None => unix_socket(path, config.backlog).map_err(fail)?,
                     };
@@ -204,13 +241,7 @@ impl Listeners {
                 }
             }
         }
-        let unused = per_slot
-            .keys()
-            .map(|a| BindAddr::Tcp(*a))
-            .chain(shared.iter().map(|(a, _)| a.clone()));
-        for address in unused {
-            tracing::info!(%address, "a passed socket's address is no longer configured; closed");
-        }
+        passed.close_unused();
         Ok(Self {
             bound,
             backlog: config.backlog,
