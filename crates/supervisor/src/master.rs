@@ -529,28 +529,22 @@ impl Master {
 
     /// The workers, a line each, for `ferrocorn status`.
     fn status_text(&self) -> String {
-        let now_ms = monotonic_ms();
-        let mut rows: Vec<(usize, String)> = self
-            .children
+        let rows: Vec<String> = ferrocorn_worker::status::workers(self.scoreboard)
             .iter()
-            .map(|(pid, child)| {
-                let r = self.record(child.record);
-                let state = r.state().label();
-                let line = format!(
+            .map(|w| {
+                format!(
                     "{:>4} {:>8} {:<9} {:>7.0} {:>8} {:>9} {:>7} {:>10}",
-                    r.slot(),
-                    pid.as_raw(),
-                    state,
-                    now_ms.saturating_sub(r.started_ms()) as f64 / 1000.0,
-                    r.requests(),
-                    r.in_flight(),
-                    r.rss_bytes() >> 20,
-                    r.generation()
-                );
-                (r.slot(), line)
+                    w.slot,
+                    w.pid,
+                    w.state,
+                    w.age_seconds,
+                    w.requests,
+                    w.in_flight,
+                    w.rss_bytes >> 20,
+                    w.generation
+                )
             })
             .collect();
-        rows.sort();
         let mut text = format!(
             "{}/{} workers ready, generation {}{}\n{:>4} {:>8} {:<9} {:>7} {:>8} {:>9} {:>7} {:>10}\n",
             self.pool.serving(),
@@ -570,7 +564,7 @@ impl Master {
             "rss_mib",
             "generation"
         );
-        for (_, line) in rows {
+        for line in rows {
             text.push_str(&line);
             text.push('\n');
         }

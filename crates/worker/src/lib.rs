@@ -63,7 +63,7 @@ mod sandbox;
 mod server;
 mod settings;
 mod state;
-mod status;
+pub mod status;
 mod stream;
 mod tally;
 

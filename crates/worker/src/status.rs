@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use ferrocorn_scoreboard::{WorkerRecord, monotonic_ms};
+use ferrocorn_scoreboard::{Scoreboard, WorkerRecord, monotonic_ms};
 use http::{HeaderMap, HeaderValue, header};
 use serde::Serialize;
 
@@ -61,16 +61,21 @@ fn describe(record: &WorkerRecord, now_ms: u64) -> WorkerStatus {
     }
 }
 
-/// The pool's live workers, by slot.
-pub fn snapshot(state: &AppState) -> ServerStatus {
+/// The pool's live workers, by slot: what `/server-status` and `ferrocorn status` show.
+pub fn workers(scoreboard: &Scoreboard) -> Vec<WorkerStatus> {
     let now_ms = monotonic_ms();
-    let mut workers: Vec<WorkerStatus> = state
-        .scoreboard
+    let mut workers: Vec<WorkerStatus> = scoreboard
         .live_records()
         .map(|r| describe(r, now_ms))
         .collect();
     workers.sort_by_key(|w| (w.slot, w.pid));
-    ServerStatus { workers }
+    workers
+}
+
+fn snapshot(state: &AppState) -> ServerStatus {
+    ServerStatus {
+        workers: workers(state.scoreboard),
+    }
 }
 
 /// The workers of the whole pool.
