@@ -269,15 +269,18 @@ impl WorkerRecord {
     }
 
     pub fn connection_opened(&self) {
-        self.connections.fetch_add(1, Ordering::Relaxed);
+        self.connections.fetch_add(1, Ordering::AcqRel);
     }
 
-    pub fn connection_closed(&self) {
-        self.connections.fetch_sub(1, Ordering::Relaxed);
+    /// One connection fewer; returns how many are left (the worker's drain waits for none).
+    pub fn connection_closed(&self) -> u32 {
+        self.connections
+            .fetch_sub(1, Ordering::AcqRel)
+            .saturating_sub(1)
     }
 
     pub fn connections(&self) -> u32 {
-        self.connections.load(Ordering::Relaxed)
+        self.connections.load(Ordering::Acquire)
     }
 
     /// The worker's DuckDB memory in use, as it last measured it.

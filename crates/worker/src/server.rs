@@ -15,7 +15,7 @@
 
 use std::io::Write;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ferrocorn_query_core::{Engine, Instance};
@@ -450,11 +450,10 @@ fn into_tokio(listener: Listener) -> std::io::Result<TokioListener> {
     })
 }
 
-/// Counts open connections (here and in the worker's record, for `/metrics`) and wakes the
-/// drain when the last one closes.
+/// Counts open connections in the worker's record (which `/metrics` reads) and wakes the drain
+/// when the last one closes.
 #[derive(Debug)]
 struct Connections {
-    open: AtomicUsize,
     closed: Notify,
     record: &'static WorkerRecord,
 }
@@ -462,18 +461,16 @@ struct Connections {
 impl Connections {
     fn new(record: &'static WorkerRecord) -> Self {
         Self {
-            open: AtomicUsize::new(0),
             closed: Notify::new(),
             record,
         }
     }
 
-    fn open(&self) -> usize {
-        self.open.load(Ordering::Acquire)
+    fn open(&self) -> u32 {
+        self.record.connections()
     }
 
     fn track(self: &Arc<Self>) -> ConnectionGuard {
-        self.open.fetch_add(1, Ordering::AcqRel);
         self.record.connection_opened();
         ConnectionGuard(self.clone())
     }
@@ -493,8 +490,7 @@ struct ConnectionGuard(Arc<Connections>);
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.0.record.connection_closed();
-        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if self.0.record.connection_closed() == 0 {
             self.0.closed.notify_waiters();
         }
     }
