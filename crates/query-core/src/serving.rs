@@ -307,11 +307,17 @@ impl Serving {
                 target,
             });
         }
-        // The new files serve from Parquet until their snapshot is published, even where an old
-        // snapshot served: a worker that boots meanwhile can only read the new files, and two
-        // workers of one pool must not answer from two versions.
-        let pending = Some(dataset.version.clone());
-        self.serve_parquet(conn, dataset, old, pending)
+        match old {
+            // The old snapshot keeps serving while the new one is built.
+            Some(old) if matches!(old.storage, Storage::Snapshot { .. }) => Ok(DatasetInfo {
+                pending: Some(dataset.version),
+                ..old.clone()
+            }),
+            _ => {
+                let pending = Some(dataset.version.clone());
+                self.serve_parquet(conn, dataset, old, pending)
+            }
+        }
     }
 
     fn serve_parquet(
