@@ -478,3 +478,59 @@ fn quick_results_stay_in_memory_and_slow_ones_go_to_disk() {
         "only the slow result went to disk"
     );
 }
+
+/// Issue 19: a sort key that names no column of its dataset (the sample's `order_id` on another
+/// `orders`) is reported once, clearly, in the log and in `/v1/datasets`; the dataset serves from
+/// Parquet, and neither a new worker nor the next start builds it again.
+#[test]
+fn a_sort_key_that_is_not_a_column_is_reported_once_and_not_retried() {
+    let setup = Setup::new().with_sample_data().key("workers", "2").key(
+        "datasets",
+        "{ orders = { storage = \"snapshot\", sort_key = \"no_such_column\" } }",
+    );
+    let snapshots = setup.path("cache/snapshots");
+    let server = setup.start();
+    let info = poll_until("the failure reported", Duration::from_secs(60), || {
+        let info = get(server.addr(), "/v1/datasets/orders").ok()?.json();
+        info["snapshot_error"].is_string().then_some(info)
+    });
+    let reason = info["snapshot_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        reason.contains("sort_key \"no_such_column\" is not a column of orders")
+            && reason.contains("amount"),
+        "{reason}"
+    );
+    assert_eq!(info["storage"], "parquet");
+    assert_eq!(info["available"], true);
+    let r = query(server.addr(), "SELECT count(*) FROM orders");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(files_with_suffix(&snapshots, ".failed").len(), 1);
+    // Every worker of a new generation sees the record instead of building again.
+    let before: BTreeMap<i32, ()> = server.workers().into_iter().map(|p| (p, ())).collect();
+    server.signal(Signal::SIGHUP);
+    poll_until("a new generation", Duration::from_secs(60), || {
+        let now = server.workers();
+        (server.ready_count() >= 4 && now.len() == 2 && now.iter().all(|p| !before.contains_key(p)))
+            .then_some(())
+    });
+    for _ in 0..4 {
+        let info = get(server.addr(), "/v1/datasets/orders")
+            .expect("datasets")
+            .json();
+        assert_eq!(info["snapshot_error"].as_str(), Some(reason.as_str()));
+    }
+    assert_eq!(
+        server.count(&["snapshot build failed"]),
+        1,
+        "one attempt for the whole pool:\n{}",
+        server.log()
+    );
+    assert!(
+        !server.log().contains("Unknown error code"),
+        "{}",
+        server.log()
+    );
+}

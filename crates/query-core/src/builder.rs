@@ -3,7 +3,7 @@
 //! on a connection to the worker's own DuckDB instance, and removes snapshot files that lost
 //! their last holder.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -38,7 +38,7 @@ enum Work {
 pub(crate) struct BuilderContext {
     pub policy: Arc<SnapshotPolicy>,
     pub data_dir: PathBuf,
-    pub failed: Arc<Mutex<HashSet<PathBuf>>>,
+    pub failed: Arc<Mutex<HashMap<PathBuf, String>>>,
 }
 
 impl BuilderContext {
@@ -70,8 +70,12 @@ impl BuilderContext {
             ),
             Ok(false) | Err(BuildError::Busy | BuildError::Changed) => {}
             Err(e) => {
-                tracing::warn!(dataset = %name, error = %crate::error::chain(&e), "snapshot build failed; serving Parquet");
-                lock(&self.failed).insert(target.path.clone());
+                let reason = crate::error::chain(&e);
+                tracing::warn!(dataset = %name, error = %reason, "snapshot build failed; serving Parquet, and not building it again until its files or options change");
+                if let Err(e) = self.policy.dir.record_failure(&target.path, &reason) {
+                    tracing::warn!(dataset = %name, error = %e, "cannot record the failed build for the rest of the pool");
+                }
+                lock(&self.failed).insert(target.path.clone(), reason);
             }
         }
     }

@@ -97,6 +97,9 @@ pub struct DatasetInfo {
     /// Why the dataset cannot be queried (its files are not valid Parquet, say); `None` when
     /// it can. Queries naming an unavailable dataset are refused; the others serve on.
     pub error: Option<String>,
+    /// Why its snapshot could not be built (a sort key that is not a column, say): it is served
+    /// from Parquet, and the build is not tried again until the files or the options change.
+    pub snapshot_error: Option<String>,
 }
 
 /// A double-quoted SQL identifier.

@@ -7,7 +7,7 @@
 //! snapshots and detaches drained ones. A dataset that cannot be registered is listed as
 //! unavailable with the reason; the others serve on.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -46,8 +46,9 @@ struct Snapshots {
     generation: Mutex<Arc<()>>,
     /// The search path queries resolve names through: every attached snapshot, then the views.
     search_path: Mutex<Arc<SearchPath>>,
-    /// Snapshot files whose build failed: their dataset is served from Parquet instead.
-    failed: Arc<Mutex<HashSet<PathBuf>>>,
+    /// Snapshot files whose build failed, with why: their dataset is served from Parquet
+    /// instead. (The snapshot directory keeps the same record for the rest of the pool.)
+    failed: Arc<Mutex<HashMap<PathBuf, String>>>,
     builder: Option<Builder>,
     aliases: AtomicU64,
 }
@@ -82,7 +83,7 @@ impl Serving {
         data_dir: PathBuf,
         datasets: Vec<Dataset>,
     ) -> Self {
-        let failed = Arc::new(Mutex::new(HashSet::new()));
+        let failed = Arc::new(Mutex::new(HashMap::new()));
         let builder = match (&policy, builder_conn) {
             (Some(policy), Some(conn)) => Some(Builder::start(
                 conn,
@@ -263,6 +264,7 @@ impl Serving {
                         storage: Storage::Parquet,
                         pending: None,
                         error: Some(reason),
+                        snapshot_error: None,
                     },
                 }
             }
@@ -293,8 +295,18 @@ impl Serving {
                 ..old.clone()
             });
         }
-        if lock(&snapshots.failed).contains(&target.path) {
-            return self.serve_parquet(conn, dataset, old, None);
+        // A build that failed is not tried again (by this worker, the pool or the next start)
+        // until the files or the options change, which names another target.
+        let failure = lock(&snapshots.failed)
+            .get(&target.path)
+            .cloned()
+            .or_else(|| policy.dir.failure(&target.path));
+        if let Some(reason) = failure {
+            let info = self.serve_parquet(conn, dataset, old, None)?;
+            return Ok(DatasetInfo {
+                snapshot_error: Some(reason),
+                ..info
+            });
         }
         if let Some(held) = policy.dir.hold(&target.path) {
             let info = self.attach(conn, dataset, held)?;
@@ -391,6 +403,7 @@ impl Serving {
             row_estimate: u64::try_from(rows).ok(),
             pending: None,
             error: None,
+            snapshot_error: None,
         };
         let previous = {
             let mut attached = lock(&self.snapshots.attached);
@@ -533,6 +546,7 @@ fn register(
         storage: Storage::Parquet,
         pending,
         error: None,
+        snapshot_error: None,
     })
 }
 

@@ -168,6 +168,13 @@ pub enum BuildError {
     },
     #[error("DuckDB could not build the snapshot")]
     Sql(#[source] duckdb::Error),
+    /// The configured sort key names no column of the dataset.
+    #[error("sort_key {key:?} is not a column of {dataset} (its columns: {columns})")]
+    NoSuchSortKey {
+        key: String,
+        dataset: String,
+        columns: String,
+    },
 }
 
 /// The snapshot directory.
@@ -264,6 +271,16 @@ impl SnapshotDir {
         if !still_current() {
             return Err(BuildError::Changed);
         }
+        if let Some(key) = sort_key {
+            let columns = column_names(conn, dataset).map_err(BuildError::Sql)?;
+            if !columns.iter().any(|c| c == key) {
+                return Err(BuildError::NoSuchSortKey {
+                    key: key.to_owned(),
+                    dataset: dataset.name.clone(),
+                    columns: columns.join(", "),
+                });
+            }
+        }
         let temp = temp_name(target);
         remove_if_exists(&temp)?;
         remove_if_exists(&wal_name(&temp))?;
@@ -322,6 +339,20 @@ impl SnapshotDir {
         Ok(true)
     }
 
+    /// Why the build of `target` failed, if a worker of the pool recorded a failure.
+    pub fn failure(&self, target: &Path) -> Option<String> {
+        std::fs::read_to_string(failure_name(target)).ok()
+    }
+
+    /// Record that the build of `target` failed, and why, so that no worker of the pool (nor the
+    /// next start) tries it again: a change of the files or of the options names another target.
+    pub fn record_failure(&self, target: &Path, reason: &str) -> std::io::Result<()> {
+        let path = failure_name(target);
+        let temp = temp_name(&path);
+        std::fs::write(&temp, reason)?;
+        std::fs::rename(&temp, &path)
+    }
+
     /// Remove snapshots that are not a current target (`wanted`, from a scan taken under the
     /// lock by `targets`) and that no process holds, and every temporary file. Skipped when
     /// another process holds the build lock. Returns the files removed.
@@ -345,6 +376,9 @@ impl SnapshotDir {
             let name = name.to_string_lossy();
             let unused = if name.ends_with(".duckdb") {
                 !wanted.contains(&path) && File::open(&path).is_ok_and(|f| f.try_lock().is_ok())
+            } else if let Some(target) = name.strip_suffix(FAILED_SUFFIX) {
+                // The record of a failed build goes with its target.
+                !wanted.contains(&self.dir.join(target))
             } else {
                 // A temporary file or WAL: only a builder holding the lock writes one.
                 name.ends_with(".tmp") || name.ends_with(".wal")
@@ -355,6 +389,26 @@ impl SnapshotDir {
         }
         removed
     }
+}
+
+/// What a failed build's record adds to its target's name.
+const FAILED_SUFFIX: &str = ".failed";
+
+fn failure_name(target: &Path) -> PathBuf {
+    let mut name = target.as_os_str().to_owned();
+    name.push(FAILED_SUFFIX);
+    PathBuf::from(name)
+}
+
+/// The column names of `dataset`'s files.
+fn column_names(conn: &Connection, dataset: &Dataset) -> duckdb::Result<Vec<String>> {
+    let mut statement = conn.prepare(&format!(
+        "SELECT column_name FROM (DESCRIBE SELECT * FROM {})",
+        dataset.source_sql()
+    ))?;
+    statement
+        .query_map([], |row| row.get(0))
+        .and_then(|rows| rows.collect())
 }
 
 fn temp_name(target: &Path) -> PathBuf {

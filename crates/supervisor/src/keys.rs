@@ -399,7 +399,8 @@ mod tests {
         let mut entries: Vec<(String, String)> = Vec::new();
         let mut block: Vec<&str> = Vec::new();
         for line in text.lines() {
-            if let Some(table) = line.strip_prefix('[') {
+            // A table, or an example of one left commented out, ends the keys.
+            if let Some(table) = line.trim_start_matches('#').trim().strip_prefix('[') {
                 let key = table.split(['.', ']']).next().unwrap_or_default();
                 if !entries.iter().any(|(k, _)| k == key) {
                     entries.push((key.to_owned(), block.join(" ")));

@@ -92,6 +92,10 @@ pub struct DatasetDoc {
     /// Parquet, say) and queries naming it are answered 503 `dataset_unavailable`.
     pub available: bool,
     pub error: Option<String>,
+    /// Why its snapshot could not be built (a `sort_key` that is not one of its columns, say):
+    /// it is served from Parquet, and the build is not tried again until its files or options
+    /// change.
+    pub snapshot_error: Option<String>,
 }
 
 /// `GET /v1/datasets`.

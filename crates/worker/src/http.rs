@@ -455,6 +455,7 @@ fn describe(info: &DatasetInfo) -> DatasetDoc {
         pending_version: info.pending.clone(),
         available: info.error.is_none(),
         error: info.error.clone(),
+        snapshot_error: info.snapshot_error.clone(),
     }
 }
 
