@@ -569,3 +569,109 @@ fn continuous_query_load_across_recycles_is_answered_200() {
     );
     assert!(stats.ok > 300, "the load ran: {}", stats.ok);
 }
+
+/// Invariant 8, and the `docker stop` of issue 19 that reset every client: TERM closes the
+/// listeners as the drain starts. A client that arrives during the drain is refused (nothing
+/// delivered: safe to retry elsewhere), a request already sent is answered, and no connection
+/// the kernel completed is reset when the master exits.
+#[test]
+fn term_refuses_late_clients_and_resets_no_accepted_connection() {
+    const SLOW_SQL: &str = "SELECT sum(a.range * b.range) FROM range(60000) a, range(60000) b";
+    let mut server = Setup::new()
+        .key("workers", "2")
+        .key("graceful_timeout", "60")
+        .key("query_timeout_ms", "60000")
+        .start();
+    let addr = server.addr();
+    // A query that keeps one worker draining for a while after TERM.
+    let mut slow = Conn::open(addr).expect("connect");
+    let body = format!(r#"{{"sql": "{SLOW_SQL}"}}"#);
+    slow.send_only(
+        format!(
+            "POST /v1/query HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .expect("send the slow query");
+    poll_until("the slow query in flight", Duration::from_secs(20), || {
+        let in_flight = support::scrape(addr).sum("ferrocorn_worker_in_flight_requests", &[]);
+        (in_flight >= 2.0).then_some(())
+    });
+    // Clients that each send one request per new connection, as the reported load did.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..10)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut answered, mut failed, mut refused) = (0u32, Vec::new(), 0u32);
+                let started = Instant::now();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                    && started.elapsed() < Duration::from_secs(60)
+                {
+                    let mut conn = match Conn::open(addr) {
+                        Ok(conn) => conn,
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                            refused += 1;
+                            std::thread::sleep(Duration::from_millis(5));
+                            continue;
+                        }
+                        Err(e) => {
+                            failed.push(format!("connect: {e}"));
+                            continue;
+                        }
+                    };
+                    match conn.get("/v1/datasets") {
+                        Ok(r) if r.status == 200 => answered += 1,
+                        Ok(r) => failed.push(format!("status {}", r.status)),
+                        Err(e) => failed.push(format!("after connecting: {e}")),
+                    }
+                }
+                (answered, failed, refused)
+            })
+        })
+        .collect();
+    poll_until("load answered", Duration::from_secs(20), || {
+        (support::scrape(addr).sum("ferrocorn_requests_total", &[]) > 50.0).then_some(())
+    });
+    server.signal(Signal::SIGTERM);
+    // While the slow query still runs, a new connection is refused at once.
+    poll_until("a refused connection", Duration::from_secs(10), || {
+        match std::net::TcpStream::connect(addr) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
+            _ => None,
+        }
+    });
+    assert!(
+        kill(server.pid(), None).is_ok(),
+        "refused while the master still drains"
+    );
+    let response = slow.read().expect("the slow query is answered");
+    assert_eq!(
+        response.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    let status = server.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(0));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut answered, mut refused, mut failed) = (0, 0, Vec::new());
+    for client in clients {
+        let (a, f, r) = client.join().expect("client");
+        answered += a;
+        refused += r;
+        failed.extend(f);
+    }
+    assert!(
+        answered > 0 && refused > 0,
+        "{answered} answered, {refused} refused"
+    );
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+}

@@ -55,6 +55,8 @@ pub struct Listeners {
     /// Passed per-slot sockets beyond the pool's slot count: steered away from, and open until
     /// [`Self::release_surplus`] (a predecessor's workers may still be draining them).
     surplus: Vec<Socket>,
+    /// The unix socket files of sockets already closed ([`Self::close`]), removed at exit.
+    closed_files: Vec<PathBuf>,
 }
 
 /// The prefix of the names under which the master keeps its sockets in systemd's
@@ -248,6 +250,7 @@ impl Listeners {
             activated: false,
             owns_files: true,
             surplus,
+            closed_files: Vec::new(),
         })
     }
 
@@ -266,6 +269,7 @@ impl Listeners {
             activated: true,
             owns_files: false,
             surplus: Vec::new(),
+            closed_files: Vec::new(),
         })
     }
 
@@ -330,6 +334,7 @@ impl Listeners {
             activated: false,
             owns_files: false,
             surplus: Vec::new(),
+            closed_files: Vec::new(),
         }
     }
 
@@ -443,19 +448,36 @@ impl Listeners {
         Ok(())
     }
 
-    /// Remove the unix socket files (at exit), if they are this master's.
-    pub fn remove_socket_files(&self) {
-        if !self.owns_files {
-            return;
-        }
-        for bound in &self.bound {
+    /// Close this master's copy of every socket (the pool stops). A socket stays open while
+    /// a worker still holds its copy (it takes what is queued first), or systemd or a new
+    /// master holds one. The unix socket files are still removed at exit.
+    pub fn close(&mut self) {
+        for bound in std::mem::take(&mut self.bound) {
             if let Bound::Shared {
                 addr: BindAddr::Unix(path),
                 ..
             } = bound
             {
-                let _ = std::fs::remove_file(path);
+                self.closed_files.push(path);
             }
+        }
+        self.surplus.clear();
+    }
+
+    /// Remove the unix socket files (at exit), if they are this master's.
+    pub fn remove_socket_files(&self) {
+        if !self.owns_files {
+            return;
+        }
+        let open = self.bound.iter().filter_map(|bound| match bound {
+            Bound::Shared {
+                addr: BindAddr::Unix(path),
+                ..
+            } => Some(path),
+            _ => None,
+        });
+        for path in open.chain(&self.closed_files) {
+            let _ = std::fs::remove_file(path);
         }
     }
 }

@@ -123,6 +123,12 @@ pub enum Action {
     RemoveSlot { slot: usize },
     /// The removed slot's workers are gone: close its listener.
     CloseSlot { slot: usize },
+    /// The pool stops: close the master's copies of every listener at once, so that a client
+    /// arriving during the drain is refused (nothing delivered, safe to retry elsewhere)
+    /// instead of being queued by the kernel and reset when the last copy closes. Each worker
+    /// takes what is already queued for it before it closes its own copy; a socket that
+    /// systemd's store or a new master of a binary upgrade also holds stays open for them.
+    CloseListeners,
     /// Tell systemd.
     Notify(Notice),
     /// The pool cannot serve: report `reason` where the operator sees it. A stop follows.
@@ -401,6 +407,9 @@ impl Pool {
     fn begin_stop(&mut self, quick: bool, now: Instant) {
         if self.phase == Phase::Stopping && !quick {
             return;
+        }
+        if self.phase != Phase::Stopping {
+            self.actions.push(Action::CloseListeners);
         }
         self.actions.push(Action::Notify(Notice::Stopping));
         let grace = if quick {

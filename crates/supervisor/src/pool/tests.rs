@@ -123,6 +123,7 @@ impl World {
             | Action::CountExit(_)
             | Action::RemoveSlot { .. }
             | Action::CloseSlot { .. }
+            | Action::CloseListeners
             | Action::Notify(_)
             | Action::Fatal { .. } => None,
         }
@@ -634,6 +635,22 @@ fn term_drains_every_worker_kills_the_late_and_exits_zero() {
     let (w0, w1) = (world.serving_of(0), world.serving_of(1));
     world.send(Event::Stop { quick: false });
     assert_eq!(world.count(&Action::Notify(Notice::Stopping)), 1);
+    assert_eq!(world.count(&Action::CloseListeners), 1);
+    let close = world.log.iter().position(|a| *a == Action::CloseListeners);
+    let first_term = world.log.iter().position(|a| {
+        matches!(
+            a,
+            Action::Signal {
+                signal: Signal::SIGTERM,
+                ..
+            }
+        )
+    });
+    assert!(
+        close < first_term,
+        "the listeners close before the workers are told to drain: {:?}",
+        world.log
+    );
     assert_eq!(world.signals(w0), [Signal::SIGTERM]);
     assert_eq!(world.signals(w1), [Signal::SIGTERM]);
     world.exit(w0, None);
@@ -646,6 +663,8 @@ fn term_drains_every_worker_kills_the_late_and_exits_zero() {
     world.exit(w1, None);
     assert_eq!(world.exit, Some(0));
     assert_eq!(world.spawns(), 2, "nothing is spawned while stopping");
+    world.send(Event::Stop { quick: true });
+    assert_eq!(world.count(&Action::CloseListeners), 1, "closed once");
 }
 
 #[test]

@@ -1,0 +1,47 @@
+//! How the master stops: a stop signal becomes the pool's `Stop` event (TERM drains within
+//! `graceful_timeout`, INT and QUIT quickly), and the drain starts by closing the master's
+//! copies of the listeners ([`Action::CloseListeners`](crate::pool::Action::CloseListeners)).
+//! Which worker gets which signal, and when the master exits, is the pool's decision.
+//!
+//! A stop in the middle of a binary upgrade is the operator stopping the service: the new
+//! master is stopped with the same signal, and this one exits only after it.
+
+use std::time::Instant;
+
+use nix::sys::signal::{Signal, kill};
+
+use super::{Master, Succession};
+use crate::pool::Event;
+
+impl Master {
+    /// TERM, INT or QUIT: stop the pool (and a new master this one started).
+    pub(super) fn stop(&mut self, signal: Signal) {
+        // A stop during an upgrade stops the new master too (the operator stops the
+        // service), and this master exits only after it (its workers may serve already).
+        if matches!(signal, Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT)
+            && let Succession::Upgrading(upgrade) = &mut self.succession
+        {
+            tracing::warn!(
+                new_master = upgrade.pid.as_raw(),
+                "binary upgrade abandoned: stopping the new master too"
+            );
+            let _ = kill(upgrade.pid, signal);
+            upgrade.stopped = true;
+            upgrade.deadline = Instant::now() + self.config.graceful_timeout;
+        }
+        match signal {
+            Signal::SIGTERM => self.dispatch(Event::Stop { quick: false }),
+            Signal::SIGINT | Signal::SIGQUIT => self.dispatch(Event::Stop { quick: true }),
+            _ => {}
+        }
+    }
+
+    /// The drain starts: close this master's copies of every listener, the retiring slots'
+    /// too, so that each socket closes once its workers have taken what is queued and let go
+    /// of theirs (see [`Action::CloseListeners`](crate::pool::Action::CloseListeners)).
+    pub(super) fn close_listeners(&mut self) {
+        self.listeners.close();
+        self.retiring.clear();
+        tracing::info!("listeners closed: new connections are refused while the workers drain");
+    }
+}
