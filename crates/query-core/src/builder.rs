@@ -71,9 +71,16 @@ impl BuilderContext {
             Ok(false) | Err(BuildError::Busy | BuildError::Changed) => {}
             Err(e) => {
                 let reason = crate::error::chain(&e);
-                tracing::warn!(dataset = %name, error = %reason, "snapshot build failed; serving Parquet, and not building it again until its files or options change");
-                if let Err(e) = self.policy.dir.record_failure(&target.path, &reason) {
-                    tracing::warn!(dataset = %name, error = %e, "cannot record the failed build for the rest of the pool");
+                // A failure that would repeat is recorded for the whole pool and the next start;
+                // one of the moment (a full disk, say) only for this worker, whose successor
+                // tries again.
+                if e.is_permanent() {
+                    tracing::warn!(dataset = %name, error = %reason, "snapshot build failed; serving Parquet, and not building it again until its files or options change");
+                    if let Err(e) = self.policy.dir.record_failure(&target.path, &reason) {
+                        tracing::warn!(dataset = %name, error = %e, "cannot record the failed build for the rest of the pool");
+                    }
+                } else {
+                    tracing::warn!(dataset = %name, error = %reason, "snapshot build failed; serving Parquet until this worker's successor tries again");
                 }
                 lock(&self.failed).insert(target.path.clone(), reason);
             }

@@ -48,14 +48,34 @@ pub enum Error {
     Query(#[source] duckdb::Error),
 }
 
-/// An error and its causes on one line.
+/// An error and its causes on one line. DuckDB's C status under its message (always "Error code
+/// 1: Unknown error code", whatever went wrong) says nothing and is left out.
 pub fn chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
+        if cause.downcast_ref::<duckdb::ffi::Error>().is_some() {
+            break;
+        }
         text.push_str(": ");
         text.push_str(&cause.to_string());
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chain;
+
+    #[test]
+    fn a_duckdb_error_on_one_line_without_its_meaningless_status() {
+        let conn = duckdb::Connection::open_in_memory().expect("duckdb");
+        let error = conn
+            .execute_batch("SELECT * FROM no_such_table")
+            .expect_err("an unknown table");
+        let text = chain(&error);
+        assert!(text.contains("no_such_table"), "{text}");
+        assert!(!text.contains("Unknown error code"), "{text}");
+    }
 }

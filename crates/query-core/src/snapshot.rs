@@ -177,6 +177,29 @@ pub enum BuildError {
     },
 }
 
+impl BuildError {
+    /// Whether building the same target again would fail the same way (a sort key that is no
+    /// column, SQL DuckDB refuses), rather than depend on the moment (a full or failing disk,
+    /// memory, an interruption, another builder).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::NoSuchSortKey { .. } => true,
+            Self::Busy | Self::Changed | Self::Io { .. } => false,
+            Self::Sql(e) => {
+                let message = e.to_string();
+                ![
+                    "IO Error",
+                    "Out of Memory Error",
+                    "INTERRUPT Error",
+                    "Interrupt",
+                ]
+                .iter()
+                .any(|kind| message.starts_with(kind))
+            }
+        }
+    }
+}
+
 /// The snapshot directory.
 #[derive(Clone, Debug)]
 pub struct SnapshotDir {

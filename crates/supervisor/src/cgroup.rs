@@ -19,6 +19,10 @@ pub struct Limits {
     pub memory_bytes: Option<u64>,
 }
 
+/// The least memory of the group a worker needs: its process (the binary, tokio, DuckDB's
+/// caches; about 60 MiB resident when idle) and a useful DuckDB share.
+pub const MIN_WORKER_MEMORY: u64 = 128 << 20;
+
 /// A v1 memory limit at or above this is "no limit" (the kernel reports the largest page-aligned
 /// value).
 const V1_UNLIMITED: u64 = 1 << 62;
@@ -96,11 +100,33 @@ impl Limits {
     }
 
     /// The default pool size: a worker per granted CPU (at most 16); without a quota, the stack
-    /// ferrocorn replaces's 4.
+    /// ferrocorn replaces's 4. Never more workers than the group's memory holds
+    /// ([`MIN_WORKER_MEMORY`] each), and at least one (a group too small for it is refused by
+    /// [`Self::check_workers`]).
     pub fn default_workers(&self) -> u64 {
-        match self.cpus {
+        let by_cpu = match self.cpus {
             Some(_) => u64::from(self.whole_cpus()).clamp(1, 16),
             None => 4,
+        };
+        match self.memory_bytes {
+            Some(bytes) => by_cpu.min(bytes / MIN_WORKER_MEMORY).max(1),
+            None => by_cpu,
+        }
+    }
+
+    /// Whether the group's memory holds `workers` workers; `Err` says why not, for the
+    /// operator (a container started with too small a `--memory` stops at once with that line
+    /// instead of crashing its workers again and again).
+    pub fn check_workers(&self, workers: u64) -> Result<(), String> {
+        match self.memory_bytes {
+            Some(bytes) if bytes < workers * MIN_WORKER_MEMORY => Err(format!(
+                "the cgroup's memory limit ({} MiB) is below the {} MiB each of {workers} \
+                 worker(s) needs: raise the limit (docker run --memory, MemoryMax=) or run \
+                 fewer workers",
+                bytes >> 20,
+                MIN_WORKER_MEMORY >> 20
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -109,6 +135,25 @@ impl Limits {
         match self.memory_bytes {
             Some(bytes) => format!("{}MiB", (bytes / 4 * 3) >> 20),
             None => "2GB".to_owned(),
+        }
+    }
+}
+
+impl Limits {
+    /// Why `key`'s built-in default is what it is, when the group decided it (for
+    /// `--print-config`): `None` for the other keys, or without a limit.
+    pub fn default_reason(&self, key: &str) -> Option<String> {
+        match key {
+            "workers" => self
+                .cpus
+                .map(|cpus| format!("a worker per CPU of the cgroup's quota ({cpus} CPUs)")),
+            "duckdb_memory_limit" => self.memory_bytes.map(|bytes| {
+                format!(
+                    "three quarters of the cgroup's memory limit ({} MiB)",
+                    bytes >> 20
+                )
+            }),
+            _ => None,
         }
     }
 }
@@ -149,6 +194,21 @@ mod tests {
         assert_eq!(limits.whole_cpus(), 2);
         assert_eq!(limits.default_workers(), 2);
         assert_eq!(limits.default_memory_limit(), "1536MiB");
+        assert_eq!(limits.check_workers(16), Ok(()));
+        assert!(
+            limits
+                .check_workers(17)
+                .is_err_and(|e| e.contains("(2048 MiB)"))
+        );
+        assert_eq!(
+            limits.default_reason("workers").as_deref(),
+            Some("a worker per CPU of the cgroup's quota (1.5 CPUs)")
+        );
+        assert!(
+            limits
+                .default_reason("duckdb_memory_limit")
+                .is_some_and(|r| r.contains("(2048 MiB)"))
+        );
 
         // Inside a cgroup namespace: the path is "/", the files are at the root.
         let ns = tempfile::tempdir().expect("tempdir");
@@ -158,6 +218,8 @@ mod tests {
         assert_eq!(none, Limits::default());
         assert_eq!(none.default_workers(), 4);
         assert_eq!(none.default_memory_limit(), "2GB");
+        assert_eq!(none.default_reason("workers"), None);
+        assert_eq!(none.check_workers(16), Ok(()));
     }
 
     #[test]
@@ -180,5 +242,25 @@ mod tests {
             "9223372036854771712\n",
         );
         assert_eq!(Limits::read(membership, root.path()), Limits::default());
+    }
+
+    #[test]
+    fn a_group_too_small_for_a_worker_per_cpu_gets_fewer_and_one_too_small_for_one_is_refused() {
+        let small = Limits {
+            cpus: Some(4.0),
+            memory_bytes: Some(300 << 20),
+        };
+        assert_eq!(small.default_workers(), 2, "300 MiB holds two workers");
+        assert_eq!(small.check_workers(2), Ok(()));
+        let tiny = Limits {
+            cpus: Some(2.0),
+            memory_bytes: Some(64 << 20),
+        };
+        assert_eq!(tiny.default_workers(), 1);
+        let refused = tiny.check_workers(1).expect_err("64 MiB holds no worker");
+        assert!(
+            refused.contains("(64 MiB)") && refused.contains("128 MiB"),
+            "{refused}"
+        );
     }
 }

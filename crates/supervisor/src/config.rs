@@ -413,6 +413,9 @@ impl Config {
             binds.push(addr);
         }
         let workers = ranged!(raw.workers, 1..=MAX_WORKERS as u64)?;
+        crate::cgroup::Limits::detect()
+            .check_workers(workers)
+            .map_err(|m| invalid("workers", m))?;
         let worker_connections = ranged!(raw.worker_connections, 1..=1_000_000)?;
         let timeout = ranged!(raw.timeout, 1..=86_400)?;
         let graceful_timeout = ranged!(raw.graceful_timeout, 0..=86_400)?;
@@ -839,9 +842,12 @@ pub fn render(raw: &RawConfig, origins: &Origins) -> String {
     let table = toml::Table::try_from(raw).unwrap_or_default();
     let mut out = String::new();
     for key in RawConfig::KEYS.iter().map(|k| k.name) {
-        let origin = origins
-            .get(key)
-            .map_or_else(|| "default".to_owned(), ToString::to_string);
+        let limits = crate::cgroup::Limits::detect();
+        let origin = match (origins.get(key), limits.default_reason(key)) {
+            (None | Some(Origin::Default), Some(reason)) => format!("default: {reason}"),
+            (Some(origin), _) => origin.to_string(),
+            (None, None) => "default".to_owned(),
+        };
         match table.get(key) {
             // Secrets are never printed, only whether and where they are set.
             Some(value) if key.starts_with("secret_key") => out.push_str(&format!(
