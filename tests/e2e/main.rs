@@ -1,13 +1,16 @@
 //! End-to-end tests: the real `ferrocorn` binary, real sockets, real signals.
 
 mod auth;
+mod chaos;
 mod cli;
+mod container;
 mod cors;
 mod fastpath;
 mod framing;
 mod hostile;
 mod http;
 mod lifecycle;
+mod mix;
 mod nginx;
 mod ops;
 mod query;
