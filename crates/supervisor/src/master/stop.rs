@@ -18,9 +18,7 @@ impl Master {
     pub(super) fn stop(&mut self, signal: Signal) {
         // A stop during an upgrade stops the new master too (the operator stops the
         // service), and this master exits only after it (its workers may serve already).
-        if matches!(signal, Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT)
-            && let Succession::Upgrading(upgrade) = &mut self.succession
-        {
+        if let Succession::Upgrading(upgrade) = &mut self.succession {
             tracing::warn!(
                 new_master = upgrade.pid.as_raw(),
                 "binary upgrade abandoned: stopping the new master too"
