@@ -675,3 +675,49 @@ fn term_refuses_late_clients_and_resets_no_accepted_connection() {
         &failed[..failed.len().min(5)]
     );
 }
+
+/// Behind a load balancer (issue 20): with `deregistration_delay`, TERM turns `/readyz` to 503
+/// at once while the pool serves on; the listeners close, and the workers drain, only when the
+/// delay is over.
+#[test]
+fn term_with_a_deregistration_delay_fails_readyz_and_serves_on_until_the_drain() {
+    let delay = Duration::from_secs(2);
+    let mut server = Setup::new()
+        .key("workers", "2")
+        .key("deregistration_delay", "2")
+        .start();
+    let addr = server.addr();
+    assert_eq!(get(addr, "/readyz").expect("readyz").status, 200);
+    server.signal(Signal::SIGTERM);
+    let termed = Instant::now();
+    let answer = poll_until("/readyz to turn 503", Duration::from_secs(5), || {
+        let answer = get(addr, "/readyz").ok()?;
+        (answer.status == 503).then_some(answer)
+    });
+    assert_eq!(answer.json()["code"], "deregistering");
+    // Meanwhile every new connection is served.
+    let mut served = 0;
+    while termed.elapsed() < delay - Duration::from_millis(500) {
+        let answer = get(addr, "/v1/datasets").expect("served while de-registering");
+        assert_eq!(answer.status, 200);
+        served += 1;
+    }
+    assert!(served > 0);
+    poll_until("a refused connection", Duration::from_secs(10), || {
+        match std::net::TcpStream::connect(addr) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
+            _ => None,
+        }
+    });
+    assert!(termed.elapsed() >= delay, "not before the delay");
+    assert_eq!(server.wait_exit(Duration::from_secs(30)).code(), Some(0));
+    let phases: Vec<String> = server
+        .log_lines(&["master phase"])
+        .iter()
+        .filter_map(|l| l.split("phase=").nth(1).map(str::to_owned))
+        .collect();
+    assert_eq!(
+        phases,
+        ["Starting", "Running", "Deregistering", "Stopping", "Exited"]
+    );
+}

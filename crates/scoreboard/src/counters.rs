@@ -35,6 +35,9 @@ shared_struct! {
         /// rescans before it answers, so that none answers from an older dataset version than
         /// another one already has.
         pub catalog_changes: AtomicU64,
+        /// 1 once the master de-registers the pool (TERM with a `deregistration_delay`):
+        /// every worker's `/readyz` answers 503 while the pool serves on.
+        pub deregistering: AtomicU32,
     }
 }
 

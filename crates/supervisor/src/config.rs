@@ -265,6 +265,7 @@ pub struct Config {
     pub recycle_interval: Duration,
     pub timeout: Duration,
     pub graceful_timeout: Duration,
+    pub deregistration_delay: Duration,
     pub keepalive: Duration,
     pub backlog: i32,
     pub pidfile: Option<PathBuf>,
@@ -419,6 +420,7 @@ impl Config {
         let worker_connections = ranged!(raw.worker_connections, 1..=1_000_000)?;
         let timeout = ranged!(raw.timeout, 1..=86_400)?;
         let graceful_timeout = ranged!(raw.graceful_timeout, 0..=86_400)?;
+        let deregistration_delay = ranged!(raw.deregistration_delay, 0..=3600)?;
         let recycle_interval = ranged!(raw.recycle_interval, 0..=86_400)?;
         let keepalive = ranged!(raw.keepalive, 0..=3600)?;
         let backlog = ranged!(raw.backlog, 1..=65_535)?;
@@ -700,6 +702,7 @@ impl Config {
             recycle_interval: Duration::from_secs(recycle_interval),
             timeout: Duration::from_secs(timeout),
             graceful_timeout: Duration::from_secs(graceful_timeout),
+            deregistration_delay: Duration::from_secs(deregistration_delay),
             keepalive: Duration::from_secs(keepalive),
             backlog: backlog as i32,
             pidfile: raw.pidfile.as_deref().map(absolute),

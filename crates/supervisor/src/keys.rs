@@ -174,6 +174,11 @@ keys! {
     graceful_timeout: u64 = Some(30),
     arg(long, value_name = "SECONDS"),
     restart = false;
+    /// Seconds a TERM keeps the pool serving, with /readyz answering 503, before the workers
+    /// drain (0: they drain at once).
+    deregistration_delay: u64 = Some(0),
+    arg(long, value_name = "SECONDS"),
+    restart = false;
     /// Seconds an idle keep-alive connection stays open, and a client has to send a request's
     /// headers (0 disables keep-alive).
     keepalive: u64 = Some(5),

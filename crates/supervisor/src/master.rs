@@ -314,6 +314,10 @@ impl Master {
                 self.close_listeners();
                 None
             }
+            Action::Deregister => {
+                self.deregister();
+                None
+            }
             Action::Notify(Notice::Ready)
                 if matches!(self.succession, Succession::Successor(_)) =>
             {
@@ -533,6 +537,7 @@ fn timing(config: &Config) -> Timing {
     Timing {
         graceful_timeout: config.graceful_timeout,
         recycle_interval: config.recycle_interval,
+        deregistration_delay: config.deregistration_delay,
     }
 }
 

@@ -51,6 +51,9 @@ const STABLE_AFTER: Duration = Duration::from_secs(10);
 pub enum Phase {
     Starting,
     Running,
+    /// TERM with a `deregistration_delay`: `/readyz` answers 503 so that a load balancer stops
+    /// sending, while the pool serves on; the stop begins when the delay is over.
+    Deregistering,
     Stopping,
     Exited,
 }
@@ -123,6 +126,9 @@ pub enum Action {
     RemoveSlot { slot: usize },
     /// The removed slot's workers are gone: close its listener.
     CloseSlot { slot: usize },
+    /// TERM with a de-registration delay: turn every worker's `/readyz` to 503 (the pool
+    /// serves on until the delay is over).
+    Deregister,
     /// The pool stops: close the master's copies of every listener at once, so that a client
     /// arriving during the drain is refused (nothing delivered, safe to retry elsewhere)
     /// instead of being queued by the kernel and reset when the last copy closes. Each worker
@@ -154,6 +160,9 @@ pub struct Timing {
     pub graceful_timeout: Duration,
     /// Least time between the starts of two recycles (`recycle_interval`).
     pub recycle_interval: Duration,
+    /// How long a TERM keeps the pool serving with `/readyz` at 503 before the drain starts
+    /// (`deregistration_delay`; zero: the drain starts at once).
+    pub deregistration_delay: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -233,6 +242,8 @@ pub struct Pool {
     /// When the last recycle's successor was spawned.
     last_recycle: Option<Instant>,
     stop_deadline: Option<Instant>,
+    /// When a de-registration ends and the stop begins.
+    deregistered_at: Option<Instant>,
     exit_code: i32,
     slots: Vec<Slot>,
     /// Removed slots whose workers have not all exited yet.
@@ -260,6 +271,7 @@ impl Pool {
             started: now,
             last_recycle: None,
             stop_deadline: None,
+            deregistered_at: None,
             exit_code: 0,
             slots: (0..workers).map(|_| Slot::new()).collect(),
             retiring: Vec::new(),
@@ -316,13 +328,13 @@ impl Pool {
             Event::Stop { quick } => self.begin_stop(quick, now),
             Event::Reload { workers, timing } => self.reload(workers, timing),
             Event::Grow => {
-                if self.phase != Phase::Stopping && self.desired < MAX_WORKERS {
+                if !self.leaving() && self.desired < MAX_WORKERS {
                     self.desired += 1;
                 }
                 tracing::info!(workers = self.desired, "pool size");
             }
             Event::Shrink => {
-                if self.phase != Phase::Stopping {
+                if !self.leaving() {
                     self.desired = self.desired.saturating_sub(1).max(1);
                 }
                 tracing::info!(workers = self.desired, "pool size");
@@ -404,14 +416,45 @@ impl Pool {
         self.phase = phase;
     }
 
+    /// Whether the pool is on its way out (de-registering or stopping): it changes its size and
+    /// configuration no more.
+    fn leaving(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Deregistering | Phase::Stopping | Phase::Exited
+        )
+    }
+
+    /// TERM (`quick`: INT, QUIT). With a de-registration delay, TERM first takes the pool out of
+    /// its load balancer's rotation (`/readyz` 503) and serves on; the stop begins when the delay
+    /// is over ([`Self::check_deadlines`]), or at once on a quick stop.
     fn begin_stop(&mut self, quick: bool, now: Instant) {
+        if quick || self.timing.deregistration_delay.is_zero() {
+            return self.stop(quick, now);
+        }
+        if self.leaving() {
+            return;
+        }
+        self.deregistered_at = Some(now + self.timing.deregistration_delay);
+        self.enter(Phase::Deregistering);
+        tracing::info!(
+            delay_ms = self.timing.deregistration_delay.as_millis() as u64,
+            "de-registering: /readyz answers 503 while the pool serves on, then the workers drain"
+        );
+        self.actions.push(Action::Deregister);
+        self.actions.push(Action::Notify(Notice::Stopping));
+    }
+
+    fn stop(&mut self, quick: bool, now: Instant) {
         if self.phase == Phase::Stopping && !quick {
             return;
         }
         if self.phase != Phase::Stopping {
             self.actions.push(Action::CloseListeners);
         }
-        self.actions.push(Action::Notify(Notice::Stopping));
+        if self.phase != Phase::Deregistering {
+            self.actions.push(Action::Notify(Notice::Stopping));
+        }
         let grace = if quick {
             QUICK_STOP_GRACE
         } else {
@@ -444,7 +487,7 @@ impl Pool {
     }
 
     fn reload(&mut self, workers: usize, timing: Timing) {
-        if self.phase == Phase::Stopping {
+        if self.leaving() {
             return;
         }
         self.generation += 1;
@@ -674,6 +717,10 @@ impl Pool {
 
     /// Kill escalation, drain deadlines, the stop deadline.
     fn check_deadlines(&mut self, now: Instant) {
+        if self.phase == Phase::Deregistering && self.deregistered_at.is_some_and(|t| now >= t) {
+            tracing::info!("de-registration delay over: the workers drain");
+            self.stop(false, now);
+        }
         let drain_limit = self.timing.graceful_timeout + KILL_GRACE;
         let stop_passed = self.stop_deadline.is_some_and(|deadline| now >= deadline);
         for (pid, worker) in &mut self.workers {

@@ -406,9 +406,18 @@ fn health(state: &AppState) -> Response {
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
         (status = 200, description = "DuckDB open, datasets registered", body = Ready),
-        (status = 503, description = "`not_ready`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`not_ready`, or `deregistering` once a TERM takes the pool out of rotation", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Ready>, ApiError> {
+    if state
+        .scoreboard
+        .pool()
+        .deregistering
+        .load(Ordering::Relaxed)
+        != 0
+    {
+        return Err(ApiError::Deregistering);
+    }
     let engine = state.engine.clone();
     tokio::task::spawn_blocking(move || engine.ping())
         .await

@@ -33,6 +33,10 @@ pub enum ApiError {
     UnsupportedTransferCoding(String),
     #[error("DuckDB is not ready: {0}")]
     NotReady(String),
+    /// The pool is leaving its load balancer's rotation (TERM with a de-registration delay):
+    /// it still serves, but should be sent nothing new.
+    #[error("the pool is stopping: it serves what it is sent until the workers drain")]
+    Deregistering,
     /// The body is not a JSON object of the query's fields.
     #[error("{0}")]
     InvalidBody(String),
@@ -96,6 +100,7 @@ impl ApiError {
                 (StatusCode::NOT_IMPLEMENTED, "unsupported_transfer_coding")
             }
             Self::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+            Self::Deregistering => (StatusCode::SERVICE_UNAVAILABLE, "deregistering"),
             Self::InvalidBody(_) => (StatusCode::BAD_REQUEST, "invalid_body"),
             Self::InvalidQueryString(_) => (StatusCode::BAD_REQUEST, "invalid_query_string"),
             Self::UnsupportedFormat(_) => (StatusCode::BAD_REQUEST, "unsupported_format"),

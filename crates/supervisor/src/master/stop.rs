@@ -3,6 +3,10 @@
 //! copies of the listeners ([`Action::CloseListeners`](crate::pool::Action::CloseListeners)).
 //! Which worker gets which signal, and when the master exits, is the pool's decision.
 //!
+//! With `deregistration_delay`, TERM first turns `/readyz` to 503 in every worker (a flag in
+//! the scoreboard) and the pool serves on for the delay, so that a load balancer stops sending
+//! before the listeners close; the pool decides when the delay is over.
+//!
 //! A stop in the middle of a binary upgrade is the operator stopping the service: the new
 //! master is stopped with the same signal, and this one exits only after it.
 
@@ -32,6 +36,15 @@ impl Master {
             Signal::SIGINT | Signal::SIGQUIT => self.dispatch(Event::Stop { quick: true }),
             _ => {}
         }
+    }
+
+    /// TERM with a de-registration delay: every worker's `/readyz` answers 503 from now on,
+    /// while the pool serves on until the delay is over.
+    pub(super) fn deregister(&mut self) {
+        self.scoreboard
+            .pool()
+            .deregistering
+            .store(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The drain starts: close this master's copies of every listener, the retiring slots'

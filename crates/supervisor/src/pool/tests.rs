@@ -12,6 +12,7 @@ const GRACE: Duration = Duration::from_secs(30);
 const TIMING: Timing = Timing {
     graceful_timeout: GRACE,
     recycle_interval: Duration::ZERO,
+    deregistration_delay: Duration::ZERO,
 };
 
 /// A worker process as the model knows it.
@@ -124,6 +125,7 @@ impl World {
             | Action::RemoveSlot { .. }
             | Action::CloseSlot { .. }
             | Action::CloseListeners
+            | Action::Deregister
             | Action::Notify(_)
             | Action::Fatal { .. } => None,
         }
@@ -146,8 +148,12 @@ impl World {
             Action::Signal { pid, signal } => (*pid, *signal),
             Action::Abort { pid, .. } => (*pid, Signal::SIGABRT),
             Action::Spawn { .. } => {
+                // De-registering, the pool still serves: a crashed worker is replaced.
                 assert!(
-                    matches!(self.pool.phase(), Phase::Starting | Phase::Running),
+                    matches!(
+                        self.pool.phase(),
+                        Phase::Starting | Phase::Running | Phase::Deregistering
+                    ),
                     "a spawn while {:?}",
                     self.pool.phase()
                 );
@@ -191,7 +197,10 @@ impl World {
         let tracked: BTreeSet<Pid> = pool.workers.keys().copied().collect();
         let live: BTreeSet<Pid> = self.live.keys().copied().collect();
         assert_eq!(tracked, live, "the pool tracks exactly the live workers");
-        if !matches!(pool.phase(), Phase::Starting | Phase::Running) {
+        if !matches!(
+            pool.phase(),
+            Phase::Starting | Phase::Running | Phase::Deregistering
+        ) {
             return; // stopping: every worker drains, whatever its slot
         }
         for (index, slot) in pool.slots.iter().enumerate() {
@@ -878,4 +887,78 @@ proptest! {
             phase => prop_assert!(false, "the pool did not settle: {:?}", phase),
         }
     }
+}
+
+#[test]
+fn term_with_a_deregistration_delay_serves_on_then_drains_and_a_quick_stop_cuts_it_short() {
+    let delay = Duration::from_secs(5);
+    let mut world = World::running(2);
+    let timing = Timing {
+        deregistration_delay: delay,
+        ..TIMING
+    };
+    world.send(Event::Reload { workers: 2, timing });
+    // Finish the roll to the new timing.
+    while world.pool.reloading() {
+        let booting: Vec<Pid> = (0..2).filter_map(|slot| world.successor_of(slot)).collect();
+        for pid in booting {
+            world.ready(pid);
+        }
+        let draining: Vec<Pid> = world
+            .live
+            .iter()
+            .filter(|(_, p)| p.signals.contains(&Signal::SIGTERM))
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in draining {
+            world.exit(pid, None);
+        }
+    }
+    let (w0, w1) = (world.serving_of(0), world.serving_of(1));
+    world.send(Event::Stop { quick: false });
+    assert_eq!(world.pool.phase(), Phase::Deregistering);
+    assert_eq!(world.count(&Action::Deregister), 1);
+    assert_eq!(
+        world.count(&Action::CloseListeners),
+        0,
+        "the pool serves on"
+    );
+    assert!(world.signals(w0).is_empty() && world.signals(w1).is_empty());
+    // Nothing changes the pool while it leaves; a second TERM waits for the same delay.
+    world.send(Event::Grow);
+    world.hup(4);
+    world.send(Event::Stop { quick: false });
+    assert_eq!(world.pool.desired(), 2);
+    // A worker that crashes meanwhile is still replaced: the pool serves until the drain.
+    world.exit(w1, None);
+    let refill = world
+        .successor_of(1)
+        .expect("refilled while de-registering");
+    world.ready(refill);
+    world.advance(delay - Duration::from_millis(1));
+    assert_eq!(world.count(&Action::CloseListeners), 0);
+    world.advance(Duration::from_millis(1));
+    assert_eq!(world.pool.phase(), Phase::Stopping);
+    assert_eq!(world.count(&Action::CloseListeners), 1);
+    assert_eq!(
+        world.count(&Action::Notify(Notice::Stopping)),
+        1,
+        "told once"
+    );
+    assert_eq!(world.signals(w0), [Signal::SIGTERM]);
+    assert_eq!(world.signals(refill), [Signal::SIGTERM]);
+
+    // A quick stop during a de-registration does not wait for it.
+    let mut world = World::running(1);
+    world.send(Event::Reload { workers: 1, timing });
+    while let Some(pid) = world.successor_of(0) {
+        let old = world.serving_of(0);
+        world.ready(pid);
+        world.exit(old, None);
+    }
+    world.send(Event::Stop { quick: false });
+    assert_eq!(world.pool.phase(), Phase::Deregistering);
+    world.send(Event::Stop { quick: true });
+    assert_eq!(world.pool.phase(), Phase::Stopping);
+    assert_eq!(world.signals(world.serving_of(0)), [Signal::SIGQUIT]);
 }
