@@ -5,6 +5,7 @@ mod chaos;
 mod cli;
 mod container;
 mod cors;
+mod deploy;
 mod fastpath;
 mod framing;
 mod hostile;
