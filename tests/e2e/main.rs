@@ -4,6 +4,7 @@ mod auth;
 mod chaos;
 mod cli;
 mod container;
+mod contract;
 mod cors;
 mod deploy;
 mod fastpath;

@@ -367,12 +367,20 @@ pub enum Explain {
 }
 
 impl Explain {
-    pub fn from_name(name: &str) -> Option<Self> {
-        match name.to_ascii_lowercase().as_str() {
-            "plan" => Some(Self::Plan),
-            "analyze" => Some(Self::Analyze),
-            _ => None,
+    pub const ALL: [Explain; 2] = [Explain::Plan, Explain::Analyze];
+
+    /// The `explain` parameter's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Plan => "plan",
+            Self::Analyze => "analyze",
         }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|e| e.name().eq_ignore_ascii_case(name))
     }
 
     /// The text DuckDB runs for a statement that the gate accepted as one SELECT. The option

@@ -1,8 +1,11 @@
 //! The API's bodies: what requests send and responses carry, with the schemas `/openapi.json`
 //! publishes (derived from these same structs, so the contract cannot drift from the code).
 
+use ferrocorn_query_core::{Explain, Format};
 use serde::{Deserialize, Serialize};
-use utoipa::{IntoResponses, ToResponse, ToSchema};
+use utoipa::openapi::RefOr;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, SchemaFormat, SchemaType, Type};
+use utoipa::{IntoResponses, PartialSchema, ToResponse, ToSchema};
 
 use crate::problem::Problem;
 
@@ -11,26 +14,119 @@ use crate::problem::Problem;
 #[serde(deny_unknown_fields)]
 pub struct QueryBody {
     /// One read-only SQL statement.
+    #[schema(min_length = 1, example = "SELECT 42 AS answer")]
     pub sql: String,
-    /// Positional (array, for `$1` or `?`) or named (object, for `$name`) parameters: JSON
-    /// scalars, or `{"type": "date", "value": "2024-01-31"}` for typed values.
+    /// The statement's parameters, as [`params_schema`] describes them.
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
+    #[schema(schema_with = params_schema)]
     pub params: Option<serde_json::Value>,
     /// json, ndjson, csv, arrow or parquet; overrides `Accept`.
     #[serde(default)]
+    #[schema(value_type = Option<FormatName>)]
     pub format: Option<String>,
     /// Rows at most (below the server's maximum).
     #[serde(default)]
+    #[schema(value_type = Option<UInt64>)]
     pub limit: Option<u64>,
     /// Deadline in milliseconds (below the server's maximum).
     #[serde(default)]
+    #[schema(value_type = Option<UInt64>)]
     pub timeout_ms: Option<u64>,
     /// `plan` answers the query's plan instead of its result (nothing runs); `analyze` runs it
     /// and answers the plan with each operator's time and rows.
     #[serde(default)]
+    #[schema(value_type = Option<ExplainName>)]
     pub explain: Option<String>,
 }
+
+/// `params`: an array (positional), an object (named) or null; its values are checked when they
+/// are bound. (utoipa has no type for "array or object"; the description is the contract's.)
+fn params_schema() -> Schema {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([
+            Type::Array,
+            Type::Object,
+            Type::Null,
+        ]))
+        .description(Some(
+            "Positional (array, for `$1` or `?`) or named (object, for `$name`) parameters: JSON \
+             scalars, or `{\"type\": \"date\", \"value\": \"2024-01-31\"}` for typed values.",
+        ))
+        .into()
+}
+
+/// A string that is one of `names`.
+fn one_of_names(names: impl IntoIterator<Item = &'static str>, description: &str) -> RefOr<Schema> {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(names))
+        .description(Some(description))
+        .into()
+}
+
+/// The names `format` takes: query-core's own list, so that the contract cannot name another.
+#[derive(Debug)]
+pub struct FormatName;
+
+impl PartialSchema for FormatName {
+    fn schema() -> RefOr<Schema> {
+        one_of_names(
+            Format::ALL.map(Format::name),
+            "A result format (case does not matter).",
+        )
+    }
+}
+
+impl ToSchema for FormatName {}
+
+/// The names `explain` takes: query-core's own list.
+#[derive(Debug)]
+pub struct ExplainName;
+
+impl PartialSchema for ExplainName {
+    fn schema() -> RefOr<Schema> {
+        one_of_names(
+            Explain::ALL.map(Explain::name),
+            "What to explain instead of answering the result (case does not matter).",
+        )
+    }
+}
+
+impl ToSchema for ExplainName {}
+
+/// A count the server caps at its own maximum (`limit`, `timeout_ms`): any integer a `u64`
+/// holds. (utoipa's `u64` says `int64`, whose range stops at 2^63 - 1.)
+#[derive(Debug)]
+pub struct UInt64;
+
+impl PartialSchema for UInt64 {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .minimum(Some(0))
+            .maximum(Some(u64::MAX))
+            .into()
+    }
+}
+
+impl ToSchema for UInt64 {}
+
+/// The bytes of a binary result (Arrow IPC stream, Parquet file).
+#[derive(Debug)]
+pub struct Binary;
+
+impl PartialSchema for Binary {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(
+                utoipa::openapi::KnownFormat::Binary,
+            )))
+            .into()
+    }
+}
+
+impl ToSchema for Binary {}
 
 /// `GET /healthz`.
 #[derive(Debug, Serialize, ToSchema)]
@@ -127,8 +223,8 @@ pub enum QueryResult {
     Json(#[content("application/json")] JsonResult),
     Ndjson(#[content("application/x-ndjson")] String),
     Csv(#[content("text/csv")] String),
-    Arrow(#[content("application/vnd.apache.arrow.stream")] Vec<u8>),
-    Parquet(#[content("application/vnd.apache.parquet")] Vec<u8>),
+    Arrow(#[content("application/vnd.apache.arrow.stream")] Binary),
+    Parquet(#[content("application/vnd.apache.parquet")] Binary),
 }
 
 /// The errors both forms of `/v1/query` can answer.
@@ -165,7 +261,31 @@ pub enum TokenErrors {
     /// Wrong username or password (`invalid_credentials`), with `WWW-Authenticate`.
     #[response(status = 401, content_type = "application/problem+json")]
     Unauthorized(Problem),
-    /// The server has no `secret_key` (`tokens_unavailable`).
-    #[response(status = 503, content_type = "application/problem+json")]
-    Unavailable(Problem),
+    /// This pool issues no tokens: it has no `secret_key` (`tokens_unavailable`).
+    #[response(status = 404, content_type = "application/problem+json")]
+    NoTokens(Problem),
+    /// Too many logins a minute from this client address (`rate_limited`), with `Retry-After`,
+    /// `RateLimit` and `RateLimit-Policy`.
+    #[response(status = 429, content_type = "application/problem+json")]
+    RateLimited(Problem),
+}
+
+/// What an operation that takes a credential can answer besides its own responses (the front
+/// line's check, `login::check`, answers them before any handler runs).
+// Only the description is used: errors are built as `ApiError`s.
+#[allow(dead_code)]
+#[derive(Debug, IntoResponses)]
+pub enum CredentialErrors {
+    /// No credential where one is needed (`unauthorized`), or one that is not valid
+    /// (`invalid_token`, `token_expired`); with `WWW-Authenticate`.
+    #[response(status = 401, content_type = "application/problem+json")]
+    Unauthorized(Problem),
+    /// The credential lacks the operation's scope (`insufficient_scope`) or may not read the
+    /// dataset (`dataset_forbidden`).
+    #[response(status = 403, content_type = "application/problem+json")]
+    Forbidden(Problem),
+    /// More requests a minute than the credential's limit (`rate_limited`), with `Retry-After`,
+    /// `RateLimit` and `RateLimit-Policy`.
+    #[response(status = 429, content_type = "application/problem+json")]
+    RateLimited(Problem),
 }

@@ -25,7 +25,7 @@
 //! - `stream`: a query on the blocking pool, its bytes moved to the response.
 //! - `state`: what every request of one worker shares, and the catalogue refresh.
 //! - `login`: `POST /v1/auth/token`, and the front line's check of every other request's
-//!   credential.
+//!   credential, also written into the contract (who needs one, what the check answers).
 //! - `query`: `/v1/query`, from the request to the answer.
 //! - `tally`: the end of a response: the pool's request table and the access line, written
 //!   when its last byte is sent.

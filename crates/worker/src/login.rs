@@ -11,11 +11,14 @@ use ferrocorn_scoreboard::{LimitTable, Rate, monotonic_ms};
 use http::{HeaderMap, HeaderValue, header};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use utoipa::IntoResponses;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{OpenApi, RefOr};
 
-use crate::api::TokenErrors;
+use crate::api::{CredentialErrors, TokenErrors};
 use crate::auth::{IssuedToken, Principal, Scope};
 use crate::problem::ApiError;
-use crate::settings::ForwardedAllow;
+use crate::settings::{AuthSettings, ForwardedAllow};
 use crate::state::AppState;
 
 /// The peer's address, inserted into each request by the connection that carries it.
@@ -30,9 +33,22 @@ const MAX_LOGIN_BODY: usize = 8 << 10;
 pub struct Credentials {
     pub username: String,
     pub password: String,
-    /// `password` when given (the OAuth 2.0 form's field); ignored otherwise.
+    /// The OAuth 2.0 form's field: `password`, or left out.
+    // Never read: parsing it is the check (any other grant is refused as `invalid_body`). Not
+    // nullable in the contract, which JSON and the form share: a form has no null, and its
+    // `grant_type=null` is not the password grant.
+    #[allow(dead_code)]
     #[serde(default)]
-    pub grant_type: Option<String>,
+    #[schema(nullable = false)]
+    pub grant_type: Option<GrantType>,
+}
+
+/// The one OAuth 2.0 grant the token endpoint serves: the resource owner's password
+/// (RFC 6749 §4.3).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantType {
+    Password,
 }
 
 /// Exchange a user's name and password for a signed, expiring bearer token.
@@ -89,15 +105,6 @@ async fn token(state: Arc<AppState>, request: Request) -> Result<IssuedToken, Ap
     let credentials = tokio::time::timeout(deadline, read)
         .await
         .map_err(|_| ApiError::BodyTimeout(deadline))??;
-    if credentials
-        .grant_type
-        .as_deref()
-        .is_some_and(|g| g != "password")
-    {
-        return Err(ApiError::InvalidBody(
-            "grant_type must be \"password\"".into(),
-        ));
-    }
     // The password hash's work is tens of milliseconds of CPU: not on the event loop, and
     // only a few at once.
     let turn = state.auth.login_turn().await;
@@ -127,6 +134,71 @@ fn needed(path: &str) -> Option<&'static [Scope]> {
             Some(&[Scope::Datasets, Scope::Query])
         }
         _ => Some(&[]),
+    }
+}
+
+/// The name of the contract's security scheme: `Authorization: Bearer`, with a token or a key.
+const SCHEME: &str = "bearer";
+
+/// Write [`check`]'s rules into the contract: the bearer scheme, and on every operation that
+/// takes a credential its security requirement (required in production, optional in
+/// development, where a request without one is served) and what the check can answer (401 and
+/// 403; 429 on the API when the pool limits each user).
+pub fn describe(api: &mut OpenApi, settings: &AuthSettings) {
+    api.components
+        .get_or_insert_with(Default::default)
+        .add_security_scheme(
+            SCHEME,
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "A token from POST /v1/auth/token, or an API key (`ferrocorn key add`)",
+                    ))
+                    .build(),
+            ),
+        );
+    let bearer = SecurityRequirement::new(SCHEME, Vec::<String>::new());
+    let security = if settings.required {
+        vec![bearer]
+    } else {
+        vec![bearer, SecurityRequirement::default()]
+    };
+    let answers = CredentialErrors::responses();
+    for (path, item) in api.paths.paths.iter_mut() {
+        if needed(path).is_none() || (path == "/metrics" && settings.metrics_public) {
+            continue;
+        }
+        let limited = path.starts_with("/v1/") && settings.per_user_per_minute.is_some();
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.options,
+            &mut item.head,
+            &mut item.patch,
+            &mut item.trace,
+        ];
+        for operation in operations.into_iter().flatten() {
+            operation.security = Some(security.clone());
+            for (status, answer) in &answers {
+                if status == "429" && !limited {
+                    continue;
+                }
+                let responses = &mut operation.responses.responses;
+                match (responses.get_mut(status), answer) {
+                    // The operation's own answer with this status: the check's is one more case.
+                    (Some(RefOr::T(own)), RefOr::T(check)) => {
+                        own.description = format!("{}\n\n{}", own.description, check.description);
+                    }
+                    (Some(_), _) => {}
+                    (None, _) => {
+                        responses.insert(status.clone(), answer.clone());
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -143,7 +143,9 @@ impl ApiError {
                 }
                 AuthError::Expired => (StatusCode::UNAUTHORIZED, "token_expired"),
                 AuthError::BadCredentials => (StatusCode::UNAUTHORIZED, "invalid_credentials"),
-                AuthError::NoSecret => (StatusCode::SERVICE_UNAVAILABLE, "tokens_unavailable"),
+                // A pool without a secret_key has no token endpoint, for as long as it runs: not a
+                // server error, and not one that a retry would get past.
+                AuthError::NoSecret => (StatusCode::NOT_FOUND, "tokens_unavailable"),
                 AuthError::MissingScope(_) => (StatusCode::FORBIDDEN, "insufficient_scope"),
             },
             Self::DatasetForbidden(_) => (StatusCode::FORBIDDEN, "dataset_forbidden"),
@@ -291,6 +293,17 @@ impl IntoResponse for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pool_without_a_secret_key_has_no_token_endpoint_rather_than_a_server_error() {
+        // It was 503: proxies retry it, alerts count it, and no retry can get past it.
+        let error = ApiError::Auth(AuthError::NoSecret);
+        assert_eq!(
+            error.status_and_code(),
+            (StatusCode::NOT_FOUND, "tokens_unavailable")
+        );
+        assert_eq!(error.retry_after(), None);
+    }
 
     #[test]
     fn request_errors_have_their_codes_here() {

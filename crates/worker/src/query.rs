@@ -20,7 +20,7 @@ use ferrocorn_query_core::{Analysis, Explain, Params, QueryError, Refusal, Summa
 use ferrocorn_scoreboard::PoolCounters;
 use http::{HeaderMap, StatusCode, header};
 
-use crate::api::{QueryBody, QueryErrors, QueryResult};
+use crate::api::{ExplainName, FormatName, QueryBody, QueryErrors, QueryResult, UInt64};
 use crate::auth::Principal;
 use crate::caching::{Caching, RequestShape, answer_headers, insert_vary};
 use crate::compress::Coding;
@@ -97,14 +97,18 @@ pub async fn post_query(
     path = "/v1/query",
     tag = "query",
     params(
-        ("sql" = String, Query, description = "One read-only statement"),
+        ("sql" = String, Query, description = "One read-only statement", min_length = 1, example = "SELECT 42 AS answer"),
         ("params" = Option<String>, Query, description = "Parameters as JSON (array or object)"),
-        ("format" = Option<String>, Query, description = "json, ndjson, csv, arrow or parquet"),
-        ("limit" = Option<u64>, Query, description = "Rows at most"),
-        ("timeout_ms" = Option<u64>, Query, description = "Deadline in milliseconds"),
-        ("explain" = Option<String>, Query, description = "plan or analyze: the query's plan instead of its result"),
+        ("format" = Option<FormatName>, Query, description = "json, ndjson, csv, arrow or parquet"),
+        ("limit" = Option<UInt64>, Query, description = "Rows at most"),
+        ("timeout_ms" = Option<UInt64>, Query, description = "Deadline in milliseconds"),
+        ("explain" = Option<ExplainName>, Query, description = "plan or analyze: the query's plan instead of its result"),
     ),
-    responses((status = 200, response = inline(QueryResult)), QueryErrors)
+    responses(
+        (status = 200, response = inline(QueryResult)),
+        QueryErrors,
+        (status = 414, description = "The request line is longer than the server's `limit_request_line` (`request_line_too_long`): send a long statement with POST", body = Problem, content_type = "application/problem+json"),
+    )
 )]
 pub async fn get_query(
     State(state): State<Arc<AppState>>,

@@ -80,7 +80,10 @@ fn snapshot(state: &AppState) -> ServerStatus {
 
 /// The workers of the whole pool.
 #[utoipa::path(get, path = "/server-status", tag = "operations",
-    responses((status = 200, description = "Every worker of the pool (HTML with Accept: text/html)", body = ServerStatus)))]
+    responses((status = 200, description = "Every worker of the pool (HTML with Accept: text/html)", content(
+        (ServerStatus = "application/json"),
+        (String = "text/html"),
+    ))))]
 pub async fn server_status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let status = snapshot(&state);
     let wants_html = headers
