@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use crate::support::{BIN, Response, Server, Setup, get, get_with, post_raw, toml_str};
+use crate::support::{BIN, Response, Server, Setup, get, get_with, login, post_raw, toml_str};
 
 const SECRET: &str = "a-test-secret-of-sixty-four-characters-0123456789abcdefghijklmnop";
 
@@ -86,17 +86,6 @@ pub fn production_pool_with(setup: Setup) -> (Server, String) {
         .env("ENVIRONMENT", "production")
         .start();
     (server, key.trim().to_owned())
-}
-
-fn login(server: &Server, body: &str, content_type: &str) -> Response {
-    post_raw(
-        server.addr(),
-        "/v1/auth/token",
-        content_type,
-        body.as_bytes(),
-        &[],
-    )
-    .expect("login")
 }
 
 pub fn token(server: &Server, user: &str) -> String {

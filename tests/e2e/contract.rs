@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::support::{
-    BIN, Response, Server, Setup, encode, get, get_with, post_json, post_raw, toml_str,
+    BIN, Response, Server, Setup, encode, get, get_with, login, post_json, toml_str,
 };
 
 const SECRET: &str = "a-contract-secret-of-sixty-four-characters-0123456789abcdefghijk";
@@ -231,17 +231,6 @@ fn assert_documented(spec: &Value, method: &str, path: &str, response: &Response
     );
 }
 
-fn login(server: &Server, content_type: &str, body: &str) -> Response {
-    post_raw(
-        server.addr(),
-        "/v1/auth/token",
-        content_type,
-        body.as_bytes(),
-        &[],
-    )
-    .expect("login")
-}
-
 #[test]
 fn a_rate_limited_login_is_429_in_the_contract() {
     // Found: a login past `rate_limit_auth_per_minute` answered 429, which the contract did not
@@ -252,10 +241,10 @@ fn a_rate_limited_login_is_429_in_the_contract() {
         .start();
     let spec = contract(&server, None);
     let body = r#"{"username": "nobody", "password": "wrong"}"#;
-    let first = login(&server, "application/json", body);
+    let first = login(&server, body, "application/json");
     assert_eq!(first.status, 401);
     assert_documented(&spec, "post", "/v1/auth/token", &first);
-    let second = login(&server, "application/json", body);
+    let second = login(&server, body, "application/json");
     assert_eq!(second.status, 429);
     assert_eq!(second.json()["code"], "rate_limited");
     assert!(second.header("retry-after").is_some());
@@ -270,8 +259,8 @@ fn a_pool_without_a_secret_answers_a_login_404_not_503() {
     let spec = contract(&server, None);
     let response = login(
         &server,
-        "application/x-www-form-urlencoded",
         "username=alice&password=x",
+        "application/x-www-form-urlencoded",
     );
     assert_eq!(response.status, 404);
     assert_eq!(response.json()["code"], "tokens_unavailable");
@@ -292,14 +281,14 @@ fn a_form_login_with_grant_type_null_is_refused_and_not_offered() {
         ("grant_type=password&username=a&password=b", 401),
         ("username=a&password=b", 401),
     ] {
-        let response = login(&server, form, body);
+        let response = login(&server, body, form);
         assert_eq!(response.status, status, "{body}");
         assert_documented(&spec, "post", "/v1/auth/token", &response);
     }
     let json_null = login(
         &server,
-        "application/json",
         r#"{"username": "a", "password": "b", "grant_type": null}"#,
+        "application/json",
     );
     assert_eq!(json_null.status, 401, "JSON's null is an absent grant_type");
 }

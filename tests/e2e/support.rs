@@ -612,6 +612,18 @@ pub fn post_raw(
     Conn::open(addr)?.send_raw(&bytes)
 }
 
+/// `POST /v1/auth/token` with `body` as `content_type` (JSON or the OAuth 2.0 form).
+pub fn login(server: &Server, body: &str, content_type: &str) -> Response {
+    post_raw(
+        server.addr(),
+        "/v1/auth/token",
+        content_type,
+        body.as_bytes(),
+        &[],
+    )
+    .expect("login")
+}
+
 /// `GET` with extra headers on a fresh connection.
 pub fn get_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> io::Result<Response> {
     let mut request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
