@@ -451,7 +451,30 @@ impl Listeners {
     /// Close this master's copy of every socket (the pool stops). A socket stays open while
     /// a worker still holds its copy (it takes what is queued first), or systemd or a new
     /// master holds one. The unix socket files are still removed at exit.
-    pub fn close(&mut self) {
+    ///
+    /// With `refuse_new` (nobody will take the sockets over: no systemd store or socket unit,
+    /// no new master), the TCP sockets first drop new connection attempts
+    /// ([`sys::refuse_new_connections`]): the handshakes under way complete into the queue the
+    /// workers empty before they close their copies, so closing resets nothing. A socket that
+    /// lives on for another owner must not be touched: the filter stays with the socket.
+    pub fn close(&mut self, refuse_new: bool) {
+        if refuse_new {
+            for bound in &self.bound {
+                let sockets: Vec<&Socket> = match bound {
+                    Bound::PerSlot { sockets, .. } => sockets.iter().collect(),
+                    Bound::Shared {
+                        addr: BindAddr::Tcp(_),
+                        socket,
+                    } => vec![socket],
+                    Bound::Shared { .. } => Vec::new(),
+                };
+                for socket in sockets {
+                    if let Err(e) = sys::refuse_new_connections(socket.as_fd()) {
+                        tracing::warn!(error = %e, "cannot make a listener refuse new connections");
+                    }
+                }
+            }
+        }
         for bound in std::mem::take(&mut self.bound) {
             if let Bound::Shared {
                 addr: BindAddr::Unix(path),

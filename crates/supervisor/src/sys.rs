@@ -88,6 +88,49 @@ pub fn steer_reuseport(listener: BorrowedFd<'_>, active: u32) -> io::Result<()> 
     }
 }
 
+/// Make a TCP listener drop new connection attempts (SYN segments) while it completes the
+/// handshakes under way and keeps what it has queued: a socket filter that passes every segment
+/// but a SYN without ACK. A client whose SYN is dropped retransmits it and, the listener closed
+/// by then, is refused: nothing it sent was delivered. Used when the pool stops, so that closing
+/// a listener once its queue is taken resets no connection the kernel completed meanwhile.
+pub fn refuse_new_connections(listener: BorrowedFd<'_>) -> io::Result<()> {
+    // Classic BPF opcodes (linux/filter.h, linux/bpf_common.h). A TCP socket's filter sees the
+    // segment from its TCP header on: byte 13 holds the flags (SYN 0x02, ACK 0x10).
+    const BPF_LD_B_ABS: u16 = 0x30;
+    const BPF_ALU_AND_K: u16 = 0x04 | 0x50;
+    const BPF_JMP_JEQ_K: u16 = 0x05 | 0x10;
+    const BPF_RET_K: u16 = 0x06;
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let mut program = [
+        op(BPF_LD_B_ABS, 0, 0, 13),
+        op(BPF_ALU_AND_K, 0, 0, 0x12),
+        // A SYN without ACK: drop (keep 0 bytes); anything else: keep it whole.
+        op(BPF_JMP_JEQ_K, 0, 1, 0x02),
+        op(BPF_RET_K, 0, 0, 0),
+        op(BPF_RET_K, 0, 0, u32::MAX),
+    ];
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: `fprog` points at `program`, which outlives the call; the kernel copies the program
+    // and validates it; the fd is a valid socket for the borrow's lifetime.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Connections waiting in a TCP listener's accept queue: for a listening socket, `TCP_INFO`'s
 /// `tcpi_unacked` is the queue's length (and `tcpi_sacked` its limit). One system call, unlike
 /// reading `/proc/net/tcp`, which walks every socket of the host.

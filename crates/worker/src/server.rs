@@ -536,11 +536,78 @@ async fn accept_loop(
             }
         }
     }
-    // Take what the kernel has already queued for this listener, so removing the slot (which
-    // closes the listener) resets nothing. The master has steered new connections away by now.
-    while let Some(stream) = try_accept(&listener) {
-        let guard = connections.track();
-        tokio::spawn(serve_connection(stream, app.clone(), state.clone(), guard));
+    // Take what the kernel has already queued for this listener, so that closing it (a removed
+    // slot, or a stop, whose master has let go of its own copy) resets nothing, and close it the
+    // moment the queue is empty: a client whose handshake completes between the last accept and
+    // the close is the only one a close can reset, so nothing stands between the two.
+    match listener.into_std() {
+        Ok(QueuedListener::Tcp(l)) => drain_queue(
+            || l.accept(),
+            |(stream, _)| {
+                // Accepted sockets do not inherit the listener's non-blocking mode.
+                stream.set_nonblocking(true)?;
+                let _ = stream.set_nodelay(true);
+                tokio::net::TcpStream::from_std(stream).map(Stream::Tcp)
+            },
+            |stream| {
+                let guard = connections.track();
+                tokio::spawn(serve_connection(stream, app.clone(), state.clone(), guard));
+            },
+        ),
+        Ok(QueuedListener::Unix(l)) => drain_queue(
+            || l.accept(),
+            |(stream, _)| {
+                stream.set_nonblocking(true)?;
+                tokio::net::UnixStream::from_std(stream).map(Stream::Unix)
+            },
+            |stream| {
+                let guard = connections.track();
+                tokio::spawn(serve_connection(stream, app.clone(), state.clone(), guard));
+            },
+        ),
+        Err(e) => {
+            tracing::warn!(slot = state.slot, error = %e, "cannot take the queued connections")
+        }
+    }
+}
+
+/// Accept until the queue is empty (`WouldBlock`), handing each connection to `serve`. A
+/// connection that died in the queue is skipped; any other error (out of descriptors, say)
+/// ends the loop rather than spin.
+fn drain_queue<A, S>(
+    mut accept: impl FnMut() -> std::io::Result<A>,
+    into_stream: impl Fn(A) -> std::io::Result<S>,
+    mut serve: impl FnMut(S),
+) {
+    loop {
+        match accept() {
+            Ok(accepted) => {
+                if let Ok(stream) = into_stream(accepted) {
+                    serve(stream);
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// A listener out of tokio's reactor, non-blocking, for the last accepts before it closes.
+enum QueuedListener {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+impl TokioListener {
+    fn into_std(self) -> std::io::Result<QueuedListener> {
+        Ok(match self {
+            Self::Tcp(l) => QueuedListener::Tcp(l.into_std()?),
+            Self::Unix(l) => QueuedListener::Unix(l.into_std()?),
+        })
     }
 }
 
@@ -558,32 +625,6 @@ async fn accept(listener: &TokioListener) -> std::io::Result<Stream> {
         }
         TokioListener::Unix(l) => Stream::Unix(l.accept().await?.0),
     })
-}
-
-/// One non-blocking accept straight on the socket, bypassing tokio's readiness cache.
-fn try_accept(listener: &TokioListener) -> Option<Stream> {
-    use std::os::fd::AsFd;
-    match listener {
-        TokioListener::Tcp(l) => {
-            let fd = l.as_fd().try_clone_to_owned().ok()?;
-            let std_listener = std::net::TcpListener::from(fd);
-            let (stream, _) = std_listener.accept().ok()?;
-            stream.set_nonblocking(true).ok()?;
-            let _ = stream.set_nodelay(true);
-            tokio::net::TcpStream::from_std(stream)
-                .ok()
-                .map(Stream::Tcp)
-        }
-        TokioListener::Unix(l) => {
-            let fd = l.as_fd().try_clone_to_owned().ok()?;
-            let std_listener = std::os::unix::net::UnixListener::from(fd);
-            let (stream, _) = std_listener.accept().ok()?;
-            stream.set_nonblocking(true).ok()?;
-            tokio::net::UnixStream::from_std(stream)
-                .ok()
-                .map(Stream::Unix)
-        }
-    }
 }
 
 fn is_fd_exhaustion(e: &std::io::Error) -> bool {

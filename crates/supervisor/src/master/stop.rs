@@ -51,7 +51,16 @@ impl Master {
     /// too, so that each socket closes once its workers have taken what is queued and let go
     /// of theirs (see [`Action::CloseListeners`](crate::pool::Action::CloseListeners)).
     pub(super) fn close_listeners(&mut self) {
-        self.listeners.close();
+        // Whether the sockets live on: kept by systemd (a store, or a socket unit) for the next
+        // master, or served by another master of a binary upgrade (the new one this master
+        // handed over to, or the old one whose upgrade to this master is abandoned).
+        let live_on = self.fd_store
+            || self.listeners.is_activated()
+            || !matches!(
+                self.succession,
+                Succession::Alone | Succession::Upgrading(_)
+            );
+        self.listeners.close(!live_on);
         self.retiring.clear();
         tracing::info!("listeners closed: new connections are refused while the workers drain");
     }
