@@ -66,26 +66,7 @@ pub fn steer_reuseport(listener: BorrowedFd<'_>, active: u32) -> io::Result<()> 
             k: 0,
         },
     ];
-    let fprog = libc::sock_fprog {
-        len: program.len() as u16,
-        filter: program.as_mut_ptr(),
-    };
-    // SAFETY: `fprog` points at `program`, which outlives the call; the kernel copies the program
-    // and validates it; the fd is a valid socket for the borrow's lifetime.
-    let rc = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_REUSEPORT_CBPF,
-            (&fprog as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    attach_cbpf(listener, libc::SO_ATTACH_REUSEPORT_CBPF, &mut program)
 }
 
 /// Make a TCP listener drop new connection attempts (SYN segments) while it completes the
@@ -109,17 +90,28 @@ pub fn refuse_new_connections(listener: BorrowedFd<'_>) -> io::Result<()> {
         op(BPF_RET_K, 0, 0, 0),
         op(BPF_RET_K, 0, 0, u32::MAX),
     ];
+    attach_cbpf(listener, libc::SO_ATTACH_FILTER, &mut program)
+}
+
+/// Attach a classic BPF `program` to `socket` as `option` (a socket filter, or a reuseport
+/// group's steering program).
+fn attach_cbpf(
+    socket: BorrowedFd<'_>,
+    option: libc::c_int,
+    program: &mut [libc::sock_filter],
+) -> io::Result<()> {
     let fprog = libc::sock_fprog {
-        len: program.len() as u16,
+        len: u16::try_from(program.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "BPF program too long"))?,
         filter: program.as_mut_ptr(),
     };
     // SAFETY: `fprog` points at `program`, which outlives the call; the kernel copies the program
     // and validates it; the fd is a valid socket for the borrow's lifetime.
     let rc = unsafe {
         libc::setsockopt(
-            listener.as_raw_fd(),
+            socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_ATTACH_FILTER,
+            option,
             (&fprog as *const libc::sock_fprog).cast(),
             std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
         )
