@@ -844,8 +844,8 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 pub fn render(raw: &RawConfig, origins: &Origins) -> String {
     let table = toml::Table::try_from(raw).unwrap_or_default();
     let mut out = String::new();
+    let limits = crate::cgroup::Limits::detect();
     for key in RawConfig::KEYS.iter().map(|k| k.name) {
-        let limits = crate::cgroup::Limits::detect();
         let origin = match (origins.get(key), limits.default_reason(key)) {
             (None | Some(Origin::Default), Some(reason)) => format!("default: {reason}"),
             (Some(origin), _) => origin.to_string(),

@@ -54,12 +54,7 @@ impl Master {
         // Whether the sockets live on: kept by systemd (a store, or a socket unit) for the next
         // master, or served by another master of a binary upgrade (the new one this master
         // handed over to, or the old one whose upgrade to this master is abandoned).
-        let live_on = self.fd_store
-            || self.listeners.is_activated()
-            || !matches!(
-                self.succession,
-                Succession::Alone | Succession::Upgrading(_)
-            );
+        let live_on = self.fd_store || self.listeners.is_activated() || !self.succession.is_main();
         self.listeners.close(!live_on);
         self.retiring.clear();
         tracing::info!("listeners closed: new connections are refused while the workers drain");
