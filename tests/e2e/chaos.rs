@@ -91,10 +91,9 @@ fn assert_no_failure(report: &Report) {
     );
 }
 
-/// Kill `pid` with `signal` and return the moment it was gone (a zombie or reaped): requests
-/// sent to it before then were in flight when it died.
-fn kill_and_wait_death(pid: i32, signal: Signal) -> Instant {
-    let _ = kill(Pid::from_raw(pid), signal);
+/// The moment `pid` is gone (a zombie or reaped): requests sent to it before then were in
+/// flight when it died.
+fn wait_death(pid: i32) -> Instant {
     poll_until("the worker to die", Duration::from_secs(30), || {
         proc_status(pid, "State")
             .is_none_or(|s| s.starts_with('Z') || s.starts_with('X'))
@@ -143,7 +142,8 @@ fn chaos_sigkill_of_a_random_worker_every_two_seconds_fails_only_its_requests_in
         Duration::from_secs(2),
         |server| {
             if let Some(pid) = random_worker(server, &mut seed) {
-                deaths.insert(pid, kill_and_wait_death(pid, Signal::SIGKILL));
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                deaths.insert(pid, wait_death(pid));
             }
         },
     );
@@ -167,12 +167,7 @@ fn chaos_sigstop_of_a_worker_ends_in_its_replacement_and_fails_only_its_requests
                 let _ = kill(Pid::from_raw(pid), Signal::SIGSTOP);
                 stopped = Some(pid);
                 // The master aborts it once its heartbeat is older than `timeout`.
-                let died = poll_until("the stopped worker killed", Duration::from_secs(30), || {
-                    proc_status(pid, "State")
-                        .is_none_or(|s| s.starts_with('Z') || s.starts_with('X'))
-                        .then(Instant::now)
-                });
-                deaths.insert(pid, died);
+                deaths.insert(pid, wait_death(pid));
             }
         },
     );

@@ -11,7 +11,7 @@
 //! are printed; `scripts/capacity.sh` does the measuring.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -21,7 +21,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::mix::Mix;
-use crate::support::{BIN, children_of, get, poll_until, proc_status};
+use crate::support::{BIN, children_of, free_port, get, poll_until, proc_status};
 
 /// The test image's tag.
 const IMAGE: &str = "ferrocorn:e2e";
@@ -80,13 +80,6 @@ fn image() -> &'static str {
         );
     });
     IMAGE
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// A unique name for this test's container and volume.

@@ -2,7 +2,7 @@
 //! self-signed certificate made here, in front of one pool (curl as the client) or of three
 //! (a BI mix of users as the clients, over a plain-HTTP door the tests add).
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -10,14 +10,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 
 use crate::mix::Mix;
-use crate::support::{self, Server, Setup, poll_until};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+use crate::support::{self, Server, Setup, free_port, poll_until};
 
 /// Stops nginx when the test ends, however it ends.
 struct Nginx(Child);

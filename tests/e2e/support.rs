@@ -23,6 +23,14 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_ferrocorn");
 /// How long any readiness poll may take before the test fails.
 pub const READY_DEADLINE: Duration = Duration::from_secs(60);
 
+/// A loopback port free at the moment (for a process that must be told its port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
 /// Poll `check` every 20 ms until it returns `Some`, or panic after `deadline`.
 pub fn poll_until<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
